@@ -1,0 +1,185 @@
+"""The wire format shared by the supervisor and the runner.
+
+Pure Python with no third-party imports: the supervisor imports this module
+(it must never import mlx), and the runner imports it so both sides agree on
+option names, defaults, validation and stream line shapes. The contract itself
+is in shared/DESIGN.md ("The runner protocol").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TOKEN_ENV = "CORRAL_RUNNER_TOKEN"
+"""Environment variable holding the bearer token every runner request must carry."""
+
+PARENT_PID_ENV = "CORRAL_PARENT_PID"
+"""Optional: the pid the runner watches; it exits when that process is gone."""
+
+ROUTE_HEALTH = "/health"
+ROUTE_STATUS = "/status"
+ROUTE_TOKENIZE = "/tokenize"
+ROUTE_DETOKENIZE = "/detokenize"
+ROUTE_COMPLETION = "/completion"
+
+NDJSON = "application/x-ndjson"
+
+DONE_STOP = "stop"
+DONE_LENGTH = "length"
+DONE_CANCELLED = "cancelled"
+
+DEFAULT_NUM_PARALLEL = 4
+DEFAULT_NUM_CTX = 4096
+
+
+class OptionError(ValueError):
+    """An option has the wrong type or an impossible value (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request options, with Ollama's names and defaults.
+
+    num_predict -1 means "until the context window is full"; temperature 0
+    means greedy decoding. repeat_penalty 1.0, presence/frequency 0 and
+    top_k 0 / top_p 1 / min_p 0 disable those processors.
+    """
+
+    num_predict: int = -1
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+# name -> (kind, minimum, maximum); bounds are inclusive and catch absurd values
+# (a negative top_k, a temperature of 1e9) as 400s instead of NaNs mid-stream.
+_INT = "int"
+_FLOAT = "float"
+_OPTION_SPECS: dict[str, tuple[str, float, float]] = {
+    "num_predict": (_INT, -2, 10_000_000),
+    "temperature": (_FLOAT, 0.0, 100.0),
+    "top_p": (_FLOAT, 0.0, 1.0),
+    "top_k": (_INT, 0, 1_000_000),
+    "min_p": (_FLOAT, 0.0, 1.0),
+    "seed": (_INT, -(2**63), 2**64 - 1),
+    "repeat_penalty": (_FLOAT, 0.0, 100.0),
+    "repeat_last_n": (_INT, -1, 1_000_000),
+    "presence_penalty": (_FLOAT, -100.0, 100.0),
+    "frequency_penalty": (_FLOAT, -100.0, 100.0),
+}
+
+OPTION_NAMES: frozenset[str] = frozenset([*_OPTION_SPECS, "stop"])
+"""Every sampling option the runner understands (unknown keys are ignored)."""
+
+
+def _check_number(name: str, value: Any, kind: str, lo: float, hi: float) -> int | float:
+    # bool is an int subclass in Python; "true" is never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"option {name!r} must be a number, got {type(value).__name__}")
+    if kind == _INT:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise OptionError(f"option {name!r} must be an integer, got {value}")
+            value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise OptionError(f"option {name!r} must be finite")
+    if not lo <= value <= hi:
+        raise OptionError(f"option {name!r} must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _check_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise OptionError("option 'stop' must be a string or a list of strings")
+    if len(value) > 16:
+        raise OptionError("option 'stop' takes at most 16 strings")
+    return tuple(s for s in value if s)
+
+
+def parse_options(raw: Any) -> SamplingOptions:
+    """Validate an `options` object into SamplingOptions.
+
+    Unknown keys are ignored (clients send Ollama options we do not use, such
+    as num_gpu); a known key with a wrong type or out-of-range value raises
+    OptionError. `None` values mean "use the default".
+    """
+    if raw is None:
+        return SamplingOptions()
+    if not isinstance(raw, Mapping):
+        raise OptionError("'options' must be an object")
+    values: dict[str, Any] = {}
+    for name, (kind, lo, hi) in _OPTION_SPECS.items():
+        if raw.get(name) is not None:
+            values[name] = _check_number(name, raw[name], kind, lo, hi)
+    if "stop" in raw:
+        values["stop"] = _check_stop(raw["stop"])
+    return SamplingOptions(**values)
+
+
+def options_to_wire(opts: SamplingOptions) -> dict[str, Any]:
+    """The JSON object form of SamplingOptions (what the supervisor sends)."""
+    out: dict[str, Any] = {
+        "num_predict": opts.num_predict,
+        "temperature": opts.temperature,
+        "top_p": opts.top_p,
+        "top_k": opts.top_k,
+        "min_p": opts.min_p,
+        "repeat_penalty": opts.repeat_penalty,
+        "repeat_last_n": opts.repeat_last_n,
+        "presence_penalty": opts.presence_penalty,
+        "frequency_penalty": opts.frequency_penalty,
+        "stop": list(opts.stop),
+    }
+    if opts.seed is not None:
+        out["seed"] = opts.seed
+    return out
+
+
+def chunk_line(content: str) -> dict[str, Any]:
+    """A stream line carrying generated text."""
+    return {"content": content, "done": False}
+
+
+def done_line(
+    reason: str,
+    *,
+    prompt_eval_count: int,
+    prompt_eval_duration: int,
+    eval_count: int,
+    eval_duration: int,
+) -> dict[str, Any]:
+    """The last stream line; durations in nanoseconds."""
+    return {
+        "content": "",
+        "done": True,
+        "done_reason": reason,
+        "prompt_eval_count": prompt_eval_count,
+        "prompt_eval_duration": prompt_eval_duration,
+        "eval_count": eval_count,
+        "eval_duration": eval_duration,
+    }
+
+
+def error_line(message: str) -> dict[str, Any]:
+    """A failure after the stream started."""
+    return {"error": message}
