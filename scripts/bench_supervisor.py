@@ -1,0 +1,262 @@
+"""Supervisor benchmarks, measured side by side in one run (issue 3).
+
+Prints ratios, never asserts timings:
+
+1. decode: streaming tokens/s through `/api/generate` vs in-process
+   `mlx_lm.stream_generate` on the same model (target >= 0.97);
+2. cold start: request -> first token for an unloaded model vs a fresh Python
+   process that imports mlx_lm, loads the model and produces one token
+   (target <= 1.0);
+3. eviction: time from the unload decision to the runner being reaped, and the
+   memory the OS reports available before load, after load and after eviction
+   on a model of a few hundred MB (all of it should come back);
+4. switch A -> B in single-model mode: B's first token vs B's own cold start
+   (target: within 100 ms).
+
+Usage: python scripts/bench_supervisor.py [--hidden 512 --layers 8 --tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Once upon a time there was a small model that wanted to speak."
+
+
+def make_model(cache: Path, repo: str, *args: str) -> Path:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--hf-cache", str(cache),
+         "--repo", repo, *args],
+        check=True, capture_output=True, text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(home: Path, cache: Path, **env: str) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    full_env = {**os.environ, "CORRAL_HOME": str(home), "HF_HUB_CACHE": str(cache),
+                "HF_HUB_OFFLINE": "1", "CORRAL_HOST": f"127.0.0.1:{port}", **env}
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "bench-server.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "serve"], cwd=ROOT,
+                            env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start; see " + str(home / "bench-server.log"))
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def stream_generate_http(url: str, model: str, tokens: int, **extra: Any) -> dict[str, float]:
+    """Time one streamed /api/generate: request->first token, and decode rate after it."""
+    body = {"model": model, "prompt": PROMPT, "stream": True,
+            "options": {"temperature": 0, "num_predict": tokens}, **extra}
+    t0 = time.perf_counter()
+    first = last = None
+    chunks = 0
+    final: dict[str, Any] = {}
+    with httpx.stream("POST", url + "/api/generate", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            obj = json.loads(line)
+            if "error" in obj:
+                raise RuntimeError(obj["error"])
+            if obj.get("done"):
+                final = obj
+                break
+            now = time.perf_counter()
+            if obj.get("response"):
+                chunks += 1
+                if first is None:
+                    first = now
+                last = now
+    assert first is not None and last is not None, "no tokens streamed"
+    n = int(final.get("eval_count", chunks))
+    return {"ttft": first - t0, "tokens": n,
+            "tps": (n - 1) / (last - first) if last > first else float("nan")}
+
+
+def inprocess_decode(path: Path, tokens: int) -> dict[str, float]:
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(path))
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=0.0)
+    for _ in mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=8, sampler=sampler):
+        pass  # warm up (compile, caches), as the server's runner is warm too
+    first = last = None
+    n = 0
+    for _resp in mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=tokens, sampler=sampler):
+        now = time.perf_counter()
+        n += 1
+        if first is None:
+            first = now
+        last = now
+    assert first is not None and last is not None
+    return {"tokens": n, "tps": (n - 1) / (last - first)}
+
+
+COLD_SCRIPT = """
+import sys, time
+t0 = float(sys.argv[2])
+import mlx_lm
+from mlx_lm.sample_utils import make_sampler
+model, tok = mlx_lm.load(sys.argv[1])
+for r in mlx_lm.stream_generate(model, tok, {prompt!r}, max_tokens=1, sampler=make_sampler(temp=0.0)):
+    print(time.time() - t0, flush=True)
+    break
+"""
+
+
+def fresh_process_first_token(path: Path) -> float:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", COLD_SCRIPT.format(prompt=PROMPT), str(path), repr(t0)],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[0])
+
+
+def unload(url: str, model: str) -> None:
+    httpx.post(url + "/api/generate", json={"model": model, "keep_alive": 0}, timeout=120).raise_for_status()
+
+
+def ps(url: str) -> list[dict[str, Any]]:
+    return list(httpx.get(url + "/api/ps", timeout=30).json()["models"])
+
+
+def wait_gone(pid: int, timeout: float = 30) -> float:
+    t0 = time.perf_counter()
+    while psutil.pid_exists(pid):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                time.sleep(0.001)
+                continue
+        except psutil.NoSuchProcess:
+            break
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"pid {pid} still alive after {timeout}s")
+        time.sleep(0.001)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--big-hidden", type=int, default=1024, help="eviction model size")
+    ap.add_argument("--big-layers", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    size = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", "8"]
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        tmpd = Path(tmp)
+        cache = tmpd / "hub"
+        a_path = make_model(cache, "bench/a", *size)
+        b_path = make_model(cache, "bench/b", *size, "--seed", "1")
+        big_path = make_model(cache, "bench/big", "--hidden", str(args.big_hidden),
+                              "--layers", str(args.big_layers), "--heads", "8")
+        print(f"models: {args.hidden}x{args.layers} float32 (a, b); eviction model "
+              f"{sum(p.stat().st_size for p in big_path.iterdir()) / 1e6:.0f} MB on disk")
+
+        # 1. decode rate
+        local = inprocess_decode(a_path, args.tokens)
+        with server(tmpd / "home1", cache) as url:
+            stream_generate_http(url, "bench/a", 8)  # load + warm
+            runs = [stream_generate_http(url, "bench/a", args.tokens) for _ in range(args.repeats)]
+            http_tps = statistics.median(r["tps"] for r in runs)
+            print(f"\n1. decode   in-process stream_generate {local['tps']:8.1f} tok/s ({local['tokens']} tokens)")
+            print(f"            /api/generate stream        {http_tps:8.1f} tok/s ({runs[0]['tokens']} tokens)")
+            print(f"            ratio http/in-process       {http_tps / local['tps']:8.3f}   (target >= 0.97)")
+
+            # 2. cold start
+            ours, theirs = [], []
+            for _ in range(args.repeats):
+                unload(url, "bench/a")
+                time.sleep(0.2)
+                ours.append(stream_generate_http(url, "bench/a", 1)["ttft"])
+                theirs.append(fresh_process_first_token(a_path))
+            o, t = statistics.median(ours), statistics.median(theirs)
+            print(f"\n2. cold     request->first token, unloaded model   {o * 1000:8.0f} ms")
+            print(f"            fresh python: import, load, one token  {t * 1000:8.0f} ms")
+            print(f"            ratio corral/fresh-process             {o / t:8.3f}   (target <= 1.0)")
+            unload(url, "bench/a")
+
+            # 3. eviction and memory reclaim
+            time.sleep(0.5)
+            before = psutil.virtual_memory().available
+            stream_generate_http(url, "bench/big", 4)
+            loaded = ps(url)
+            pid = int(loaded[0]["pid"])
+            after_load = psutil.virtual_memory().available
+            t0 = time.perf_counter()
+            unload(url, "bench/big")
+            wait_gone(pid)
+            reaped = time.perf_counter() - t0
+            time.sleep(0.3)
+            after_evict = psutil.virtual_memory().available
+            print(f"\n3. evict    unload request -> runner reaped         {reaped * 1000:8.0f} ms")
+            print(f"            available before load   {before / 1e6:10.0f} MB")
+            print(f"            available after load    {after_load / 1e6:10.0f} MB  (runner took {(before - after_load) / 1e6:.0f} MB, reported size {loaded[0]['size'] / 1e6:.0f} MB)")
+            print(f"            available after evict   {after_evict / 1e6:10.0f} MB  (came back: {(after_evict - after_load) / max(1, before - after_load) * 100:.0f}%)")
+
+        # 4. single-model switch
+        with server(tmpd / "home2", cache, CORRAL_SINGLE_MODEL="1") as url:
+            stream_generate_http(url, "bench/b", 1)
+            unload(url, "bench/b")
+            own = []
+            switch = []
+            for _ in range(args.repeats):
+                time.sleep(0.2)
+                own.append(stream_generate_http(url, "bench/b", 1)["ttft"])  # B alone, cold
+                stream_generate_http(url, "bench/a", 1)  # A loaded (B evicted by the switch)
+                switch.append(stream_generate_http(url, "bench/b", 1)["ttft"])  # switch A -> B
+                unload(url, "bench/b")
+            o, s = statistics.median(own), statistics.median(switch)
+            print(f"\n4. switch   B cold start alone      {o * 1000:8.0f} ms")
+            print(f"            A -> B first token      {s * 1000:8.0f} ms")
+            print(f"            difference              {(s - o) * 1000:+8.0f} ms   (target: within 100 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
