@@ -1,13 +1,41 @@
-"""What a model costs, read without loading it (STUB: interface fixed, body to implement).
+"""What a model costs, read without loading it.
 
 weights come from the safetensors headers (8-byte little-endian length + JSON
-header; no tensor data is read); the rest from config.json.
+header; no tensor data is read); the rest from config.json. Nothing here
+imports mlx: the supervisor must stay free of accelerator memory.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+# Bytes per element of every dtype the safetensors format defines.
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
+}
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_NAME_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+# A real header is a few MB at most (one entry per tensor); anything larger is
+# a corrupt length field, and we refuse to allocate for it.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DEFAULT_CONTEXT = 4096  # when config.json names no context length
+DEFAULT_KV_DTYPE_BYTES = 4  # float32: the largest activation dtype we expect
+
+# Ollama's details.family for model types it files under another name.
+_FAMILY = {"mistral": "llama", "mixtral": "llama"}
+
+
+class ManifestError(ValueError):
+    """The directory is not an MLX-loadable language model (message says why)."""
 
 
 @dataclass(frozen=True)
@@ -24,23 +52,251 @@ class Manifest:
     kv_heads: int
     head_dim: int
     kv_bytes_per_token: int  # 2 x layers x kv_heads x head_dim x dtype bytes (one sequence)
+    # Added: what the memory model needs besides the KV cache.
+    hidden_size: int = 0
+    vocab_size: int = 0
+    num_heads: int = 0  # query heads (attention scores scale with these)
+    intermediate_size: int = 0  # MLP width (0: unknown)
 
     @property
     def parameter_size(self) -> str:
         """Ollama's details.parameter_size, e.g. "135.3K", "0.6B", "8.0B"."""
-        raise NotImplementedError
+        return human_count(self.parameter_count)
 
     @property
     def quantization_level(self) -> str:
         """Ollama's details.quantization_level, e.g. "Q4" (4-bit), "F32", "BF16"."""
-        raise NotImplementedError
+        if self.quant_bits is not None:
+            return f"Q{self.quant_bits}"
+        return self.dtype.replace("bfloat", "BF").replace("float", "F").upper()
+
+
+def human_count(n: int) -> str:
+    """135_300 -> "135.3K"; from 400M up counts show in billions ("0.5B"), as model names do."""
+    for scale, suffix in ((4e8, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            div = 1e9 if suffix == "B" else scale
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F32", "U32"
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """The tensors a safetensors file holds, from its header alone.
+
+    Validates the header length against the file size and every tensor's byte
+    range against its shape and dtype, so a truncated or corrupt file fails
+    here with a message instead of later inside the runner.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ManifestError(f"{path.name}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ManifestError(
+                    f"{path.name}: corrupt or truncated safetensors header "
+                    f"(header length {n}, file size {size})"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise ManifestError(f"{path.name}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path.name}: safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise ManifestError(f"{path.name}: safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    return [_tensor_info(path.name, k, v, data_size) for k, v in header.items() if k != "__metadata__"]
+
+
+def _tensor_info(fname: str, name: str, entry: Any, data_size: int) -> TensorInfo:
+    bad = f"{fname}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{bad}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise ManifestError(f"{bad}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ManifestError(f"{bad}: invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ManifestError(f"{bad}: invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), offsets[1] - offsets[0])
+    expected = info.numel * DTYPE_BYTES[dtype]
+    if dtype != "F4" and info.nbytes != expected:
+        raise ManifestError(f"{bad}: {info.nbytes} bytes stored but shape x dtype needs {expected}")
+    if offsets[1] > data_size:
+        raise ManifestError(f"{bad}: data runs past the end of the file (file truncated?)")
+    return info
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{model_dir}: no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{model_dir}: config.json is unreadable or not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ManifestError(f"{model_dir}: config.json is not a JSON object")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise ManifestError(f"{model_dir}: config.json has no model_type")
+    return config
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weights mlx_lm loads: model*.safetensors (Mistral-style repos also ship a
+    consolidated.safetensors copy, which is neither loaded nor counted)."""
+    return sorted(p for p in model_dir.glob("model*.safetensors") if p.is_file())
 
 
 def read_manifest(model_dir: Path) -> Manifest:
-    """Read config.json and safetensors headers. Raises BadRequest/RunnerFailed-free errors:
-    ManifestError (a ValueError) with a clear message when the directory is not a usable model."""
-    raise NotImplementedError
+    """Read config.json and safetensors headers. Raises ManifestError (a ValueError)
+    with a clear message when the directory is not a usable model."""
+    config = read_config(model_dir)
+    files = weight_files(model_dir)
+    if not files:
+        raise ManifestError(f"{model_dir}: no model*.safetensors weights (MLX loads only safetensors)")
+    tensors = [t for f in files for t in read_safetensors_header(f)]
+    text = _text_config(config)
+    bits, group = _quantization(config)
+    dtype = _activation_dtype(tensors, text, config)
+    layers, heads, kv_heads, head_dim, hidden = _attention_shape(text)
+    dtype_bytes = _NAME_BYTES.get(dtype, DEFAULT_KV_DTYPE_BYTES)
+    model_type = config["model_type"]
+    return Manifest(
+        model_type=model_type,
+        family=_FAMILY.get(model_type, model_type),
+        weight_bytes=sum(t.nbytes for t in tensors),
+        parameter_count=count_parameters(tensors, bits),
+        quant_bits=bits,
+        quant_group_size=group,
+        dtype=dtype,
+        max_context=_max_context(text, config),
+        num_layers=layers,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes,
+        hidden_size=hidden,
+        vocab_size=_int(text, "vocab_size", "n_vocab") or _int(config, "vocab_size") or 0,
+        num_heads=heads,
+        intermediate_size=_int(text, "intermediate_size", "ffn_dim", "n_inner") or 0,
+    )
 
 
-class ManifestError(ValueError):
-    """The directory is not an MLX-loadable language model (message says why)."""
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a config: multimodal configs nest it under text_config."""
+    nested = config.get("text_config") or config.get("language_config") or config.get("llm_config")
+    if isinstance(nested, dict) and ("num_hidden_layers" in nested or "hidden_size" in nested):
+        return {**config, **nested}
+    return config
+
+
+def _int(cfg: Mapping[str, Any], *keys: str) -> int | None:
+    for k in keys:
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _quantization(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if not isinstance(q, dict):
+            tc = config.get("text_config")
+            q = tc.get(key) if isinstance(tc, dict) else None
+        if isinstance(q, dict):
+            bits = _int(q, "bits", "w_bit")
+            if bits is not None:
+                return bits, _int(q, "group_size", "q_group_size")
+    return None, None
+
+
+def count_parameters(tensors: Iterable[TensorInfo], bits: int | None) -> int:
+    """Parameters as the unquantized model would have them.
+
+    A quantized linear stores `weight` packed in uint32 (32/bits values each)
+    plus `scales` and `biases` per group; the latter are bookkeeping, not
+    parameters, so they are left out.
+    """
+    tensors = list(tensors)
+    packed = {t.name[: -len(".weight")] for t in tensors if t.name.endswith(".weight") and t.dtype == "U32"}
+    total = 0
+    for t in tensors:
+        stem, _, leaf = t.name.rpartition(".")
+        if leaf in ("scales", "biases") and stem in packed:
+            continue
+        if t.dtype == "U32" and bits and stem in packed:
+            total += t.numel * (32 // bits)
+        else:
+            total += t.numel
+    return total
+
+
+def _activation_dtype(tensors: list[TensorInfo], text: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The dtype activations (and so the KV cache) take: that of the floating tensors.
+
+    In a quantized model those are the scales, norms and embeddings, which MLX
+    keeps in the model's compute dtype. Weighted by bytes so a stray float32
+    buffer in a bfloat16 model does not decide it.
+    """
+    weight: dict[str, int] = {}
+    for t in tensors:
+        if t.dtype in _FLOAT_NAMES:
+            weight[t.dtype] = weight.get(t.dtype, 0) + t.nbytes
+    if weight:
+        return _FLOAT_NAMES[max(weight, key=lambda d: weight[d])]
+    declared = text.get("torch_dtype") or config.get("torch_dtype") or config.get("dtype")
+    return declared if isinstance(declared, str) and declared in _NAME_BYTES else "float32"
+
+
+def _attention_shape(cfg: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
+    """(layers, heads, kv_heads, head_dim, hidden) with the common spellings and fallbacks.
+
+    Missing num_key_value_heads means plain multi-head attention; missing
+    head_dim means hidden / heads. Both fallbacks can only overestimate.
+    """
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model", "dim")
+    heads = _int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    if layers is None:
+        raise ManifestError("config.json gives no layer count (num_hidden_layers)")
+    if heads is None and hidden is None:
+        raise ManifestError("config.json gives neither hidden_size nor num_attention_heads")
+    kv_heads = _int(cfg, "num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num")
+    head_dim = _int(cfg, "head_dim", "kv_channels")
+    if heads is None:  # unknown split: one "head" as wide as the model is the same KV size as MHA
+        heads, head_dim = 1, head_dim or hidden
+    kv_heads = kv_heads or heads
+    if head_dim is None:
+        head_dim = (hidden or heads) // heads if hidden else 128
+    return layers, heads, kv_heads, head_dim, hidden or heads * head_dim
+
+
+def _max_context(text: Mapping[str, Any], config: Mapping[str, Any]) -> int:
+    keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+    return _int(text, *keys) or _int(config, *keys) or DEFAULT_CONTEXT

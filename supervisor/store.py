@@ -1,17 +1,44 @@
-"""Where models live (STUB: interface fixed, body to implement).
+"""Where models live.
 
 Two sources: the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else
 ~/.cache/huggingface/hub) and a registry under CORRAL_HOME (name -> directory,
-written by `corral create` and `corral cp`).
+written by `corral create` and `corral cp`), kept in $CORRAL_HOME/models.json.
+Registered names shadow hub names.
+
+A requested name never becomes a file path: it is validated by
+`normalize_name` and then only compared with names found by listing, so no
+request can make the store touch a file outside its two roots.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from supervisor.manifest import Manifest
+from supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from supervisor.manifest import Manifest, ManifestError, read_config, read_manifest, weight_files
+
+REGISTRY_FILE = "models.json"
+MAX_NAME_LEN = 256
+# One to three path-like segments of the characters Hub repo ids use.
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_MODEL_TYPE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# Used only when mlx_lm's own table cannot be read (see _model_remapping).
+_FALLBACK_REMAPPING = {"mistral": "llama", "llava": "mistral3", "phi-msft": "phixtral", "falcon_mamba": "mamba"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -31,33 +58,341 @@ def normalize_name(name: object) -> str:
     for non-strings, empty names, names over 256 chars, "..", absolute paths,
     backslashes, NUL or control characters, and tags other than ":latest".
     """
-    raise NotImplementedError
+    if not isinstance(name, str):
+        raise InvalidModelName("model name must be a string")
+    if not name.strip():
+        raise InvalidModelName("model name is required")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidModelName(f"model name is longer than {MAX_NAME_LEN} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidModelName("model name contains control characters")
+    if "\\" in name:
+        raise InvalidModelName("model name must not contain a backslash")
+    if name.startswith("/"):
+        raise InvalidModelName("model name must not be an absolute path")
+    base, sep, tag = name.partition(":")
+    if sep and tag.lower() != "latest":
+        raise InvalidModelName(f"invalid model name {name!r}: the only tag supported is ':latest'")
+    segments = base.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise InvalidModelName(f"invalid model name {name!r}: empty, '.' or '..' path segment")
+    if len(segments) > 3 or not all(_SEGMENT.match(s) for s in segments):
+        raise InvalidModelName(
+            f"invalid model name {name!r}: use letters, digits, '.', '_', '-' as in org/name"
+        )
+    return base.lower()
+
+
+def default_hf_cache() -> Path:
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+# --- which model types mlx_lm can load, decided without importing it ---------
+
+
+@lru_cache(maxsize=1)
+def _mlx_lm_dir() -> Path | None:
+    # find_spec on a top-level name locates the package without executing it.
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=1)
+def _model_remapping() -> dict[str, str]:
+    """mlx_lm.utils.MODEL_REMAPPING, read from the source with ast (never executed)."""
+    pkg = _mlx_lm_dir()
+    try:
+        tree = ast.parse((pkg / "utils.py").read_text()) if pkg else None
+    except (OSError, SyntaxError):
+        tree = None
+    for node in tree.body if tree else []:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "MODEL_REMAPPING" for t in node.targets
+        ):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                break
+            if isinstance(value, dict):
+                return {str(k): str(v) for k, v in value.items()}
+    return dict(_FALLBACK_REMAPPING)
+
+
+def supported_model_type(model_type: str) -> bool:
+    """True when mlx_lm has an architecture module for this config model_type."""
+    if not _MODEL_TYPE.match(model_type):
+        return False
+    pkg = _mlx_lm_dir()
+    if pkg is None:  # mlx_lm not installed here: the runner will be the judge
+        return True
+    arch = _model_remapping().get(model_type, model_type)
+    return _MODEL_TYPE.match(arch) is not None and (pkg / "models" / f"{arch}.py").is_file()
+
+
+def check_loadable(model_dir: Path, *, need_tokenizer: bool = False) -> str | None:
+    """Why `model_dir` is not an MLX language model, or None when it is (cheap: no headers)."""
+    if not (model_dir / "config.json").is_file():
+        return f"{model_dir}: no config.json"
+    try:
+        model_type = read_config(model_dir)["model_type"]
+    except ManifestError as e:
+        return str(e)
+    if not supported_model_type(model_type):
+        return f"{model_dir}: model_type {model_type!r} is not supported by mlx_lm"
+    if not weight_files(model_dir):
+        return f"{model_dir}: no model*.safetensors weights (GGUF and .bin checkpoints cannot be loaded by MLX)"
+    if need_tokenizer and not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        return f"{model_dir}: no tokenizer (tokenizer.json or tokenizer.model)"
+    return None
+
+
+def _files(model_dir: Path) -> list[os.stat_result]:
+    out = []
+    for p in model_dir.iterdir():
+        try:
+            st = p.stat()  # follows the hub's symlinks into blobs/
+        except OSError:
+            continue
+        if not p.is_dir():
+            out.append(st)
+    return out
+
+
+def _stats(model_dir: Path) -> tuple[int, float]:
+    """(bytes on disk, newest mtime) of a model directory's files."""
+    sts = _files(model_dir)
+    return sum(s.st_size for s in sts), max((s.st_mtime for s in sts), default=0.0)
+
+
+def _repo_id(dirname: str) -> str:
+    """models--org--name -> org/name (as huggingface_hub names its cache dirs)."""
+    org, _, repo = dirname[len("models--") :].partition("--")
+    return f"{org}/{repo}" if repo else org
+
+
+# --- the store ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HubEntry:
+    repo_id: str
+    root: Path  # models--org--name
+    snapshot: Path
+    commit: str
 
 
 class ModelStore:
     def __init__(self, home: Path, hf_cache: Path | None = None) -> None:
-        raise NotImplementedError
+        self.home = Path(home).expanduser()
+        self.hf_cache = Path(hf_cache).expanduser() if hf_cache is not None else default_hf_cache()
+        self.registry_path = self.home / REGISTRY_FILE
+        self._lock = threading.RLock()
+        # path -> (file identity, manifest); see manifest()
+        self._manifests: dict[Path, tuple[tuple[Any, ...], Manifest]] = {}
+
+    # -- listing ------------------------------------------------------------
 
     def list(self) -> list[ModelRef]:
         """Every model present locally (HF cache + registry), sorted by name."""
-        raise NotImplementedError
+        refs: dict[str, ModelRef] = {}
+        for entry in self._hub_entries():
+            refs[entry.repo_id.lower()] = self._hub_ref(entry)
+        for key, rec in self._registry().items():  # registered names shadow hub names
+            ref = self._local_ref(rec)
+            if ref is not None:
+                refs[key] = ref
+        return sorted(refs.values(), key=lambda r: r.name.lower())
 
     def resolve(self, name: str) -> ModelRef:
         """The model for a requested name; InvalidModelName (400) or ModelNotFound (404)."""
-        raise NotImplementedError
+        key = normalize_name(name)
+        rec = self._registry().get(key)
+        if rec is not None:
+            ref = self._local_ref(rec)
+            if ref is None:
+                raise ModelNotFound(name, f"model '{name}' is registered but {rec['path']} is no longer a loadable model")
+            return ref
+        entry = self._hub_entry(key)
+        if entry is None:
+            raise ModelNotFound(name)
+        return self._hub_ref(entry)
 
     def manifest(self, ref: ModelRef) -> Manifest:
         """Cached by file identity (path, size, mtime) so listing a large cache stays fast."""
-        raise NotImplementedError
+        identity = self._identity(ref.path)
+        cached = self._manifests.get(ref.path)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        manifest = read_manifest(ref.path)
+        self._manifests[ref.path] = (identity, manifest)
+        return manifest
+
+    @staticmethod
+    def _identity(model_dir: Path) -> tuple[Any, ...]:
+        paths = [model_dir / "config.json", *weight_files(model_dir)]
+        out = []
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p.name, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    # -- changes ------------------------------------------------------------
 
     def register(self, name: str, path: Path) -> ModelRef:
         """`corral create NAME --from DIR`: checks the directory is a loadable model."""
-        raise NotImplementedError
+        key = normalize_name(name)
+        model_dir = Path(path).expanduser()
+        if not model_dir.is_absolute():
+            model_dir = Path.cwd() / model_dir
+        model_dir = model_dir.resolve()
+        if not model_dir.is_dir():
+            raise BadRequest(f"{path}: not a directory")
+        why = check_loadable(model_dir, need_tokenizer=True)
+        if why is not None:
+            raise BadRequest(why)
+        try:
+            read_manifest(model_dir)  # every safetensors header must be sound
+        except ManifestError as e:
+            raise BadRequest(str(e)) from e
+        display = name.partition(":")[0]
+        with self._lock:
+            reg = self._registry()
+            reg[key] = {"name": display, "path": str(model_dir), "created_at": time.time()}
+            self._write_registry(reg)
+        ref = self._local_ref(reg[key])
+        assert ref is not None
+        return ref
 
     def copy(self, src: str, dst: str) -> ModelRef:
-        """`corral cp` / POST /api/copy: registers dst as another name for src's directory."""
-        raise NotImplementedError
+        """`corral cp` / POST /api/copy: registers dst as another name for src's directory.
+
+        Like `ollama cp`, an existing dst is overwritten.
+        """
+        normalize_name(dst)  # a bad dst is a 400 even when src is missing
+        ref = self.resolve(src)
+        return self.register(dst, ref.path)
 
     def delete(self, name: str) -> None:
         """Registered names are unregistered; HF cache entries are removed from the cache."""
-        raise NotImplementedError
+        key = normalize_name(name)
+        with self._lock:
+            reg = self._registry()
+            if key in reg:
+                del reg[key]
+                self._write_registry(reg)
+                return
+        entry = self._hub_entry(key)
+        if entry is None:
+            raise ModelNotFound(name)
+        # entry.root was found by listing hf_cache, so it is a direct child of it.
+        if entry.root.parent.resolve() != self.hf_cache.resolve():
+            raise BadRequest(f"refusing to delete {entry.root}: outside the hub cache")
+        shutil.rmtree(entry.root)
+        self._manifests.pop(entry.snapshot, None)
+
+    # -- the hub cache --------------------------------------------------------
+
+    def _hub_entries(self) -> builtins.list[_HubEntry]:
+        try:
+            dirs = sorted(self.hf_cache.iterdir())
+        except OSError:
+            return []
+        out = []
+        for d in dirs:
+            entry = self._hub_entry_at(d)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+    def _hub_entry(self, key: str) -> _HubEntry | None:
+        try:
+            dirs = sorted(self.hf_cache.iterdir())
+        except OSError:
+            return None
+        # Match on the directory name first so only the one candidate is read.
+        for d in dirs:
+            if d.name.startswith("models--") and _repo_id(d.name).lower() == key:
+                entry = self._hub_entry_at(d)
+                if entry is not None:
+                    return entry
+        return None
+
+    def _hub_entry_at(self, root: Path) -> _HubEntry | None:
+        """The MLX model a models--org--name dir holds, or None (datasets, spaces, GGUF, ...)."""
+        if not root.name.startswith("models--") or not root.is_dir():
+            return None
+        repo_id = _repo_id(root.name)
+        snapshot = self._snapshot(root)
+        if snapshot is None or check_loadable(snapshot) is not None:
+            return None
+        return _HubEntry(repo_id, root, snapshot, snapshot.name)
+
+    @staticmethod
+    def _snapshot(root: Path) -> Path | None:
+        """refs/main's snapshot, else the newest one."""
+        snaps = root / "snapshots"
+        try:
+            commit = (root / "refs" / "main").read_text().strip()
+        except OSError:
+            commit = ""
+        if commit and _SEGMENT.match(commit) and (snaps / commit).is_dir():
+            return snaps / commit
+        try:
+            candidates = [p for p in snaps.iterdir() if p.is_dir()]
+        except OSError:
+            return None
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    def _hub_ref(self, entry: _HubEntry) -> ModelRef:
+        size, mtime = _stats(entry.snapshot)
+        return ModelRef(entry.repo_id, entry.snapshot, "hf", entry.commit, mtime, size)
+
+    # -- the registry -----------------------------------------------------------
+
+    def _registry(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.registry_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # A server-side fault (500), and never silently treated as empty:
+            # the next write would then drop every registration.
+            raise CorralError(f"model registry {self.registry_path} is unreadable: {e}") from e
+        models = data.get("models", {}) if isinstance(data, dict) else {}
+        return {
+            k: v
+            for k, v in models.items()
+            if isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("name"), str)
+        }
+
+    def _write_registry(self, reg: dict[str, dict[str, Any]]) -> None:
+        # Write-then-rename so a crash never leaves a half-written registry.
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".models.", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, "models": reg}, f, indent=2, sort_keys=True)
+            os.replace(tmp, self.registry_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _local_ref(rec: dict[str, Any]) -> ModelRef | None:
+        path = Path(rec["path"])
+        if not (path / "config.json").is_file():
+            return None
+        size, mtime = _stats(path)
+        digest = hashlib.sha256(str(path).encode()).hexdigest()
+        return ModelRef(rec["name"], path, "local", digest, mtime, size)

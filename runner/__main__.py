@@ -1,0 +1,144 @@
+"""`python -m runner --model DIR --port N`: serve one model over loopback HTTP.
+
+The model directory is checked cheaply before mlx is imported, so a broken
+model fails within seconds with one readable line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from runner.lifecycle import die_with_parent, hard_exit_after
+from runner.precheck import ModelDirError, check_model_dir, default_num_ctx
+from runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
+
+log = logging.getLogger("runner")
+
+SHUTDOWN_GRACE_S = 2.0
+"""How long SIGTERM waits for cancelled streams to flush their last line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runner", description="Serve one MLX model over HTTP.")
+    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--num-ctx", type=int, default=0, help="tokens per sequence (default: min(4096, model max))")
+    p.add_argument("--num-parallel", type=int, default=DEFAULT_NUM_PARALLEL)
+    p.add_argument("--name", default=None, help="model name reported by /status (default: the directory)")
+    args = p.parse_args(argv)
+    if args.num_ctx < 0 or args.num_parallel < 1:
+        p.error("--num-ctx must be >= 0 and --num-parallel >= 1")
+    return args
+
+
+def fail(message: str) -> None:
+    # One line, last on stderr: the supervisor quotes it as the load error.
+    sys.stderr.write(f"runner: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(2)
+
+
+def load(model_dir: Path) -> tuple[object, object]:
+    from mlx_lm import load as mlx_load
+
+    try:
+        model, tokenizer = mlx_load(str(model_dir))[:2]
+    except Exception as e:  # any load failure becomes one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {model_dir}: {type(e).__name__}: {first}")
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    args = parse_args(argv)
+    die_with_parent()
+    model_dir = Path(args.model).expanduser()
+    try:
+        config = check_model_dir(model_dir)
+    except ModelDirError as e:
+        fail(str(e))
+    num_ctx = args.num_ctx or default_num_ctx(config, DEFAULT_NUM_CTX)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(model_dir)
+    from runner.engine import Engine
+    from runner.server import RunnerApp
+
+    engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel)
+    engine.start()
+    app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
+    log.info("loaded %s in %.2fs (num_ctx=%d num_parallel=%d)", model_dir, time.perf_counter() - t0,
+             num_ctx, args.num_parallel)
+    asyncio.run(serve(app, args.host, args.port))
+    engine.stop()
+    log.info("exited cleanly")
+    logging.shutdown()
+    os._exit(0)  # skip interpreter teardown of MLX state: nothing left to flush
+
+
+async def serve(app: object, host: str, port: int) -> None:
+    import uvicorn
+
+    from runner.server import RunnerApp
+
+    assert isinstance(app, RunnerApp)
+    config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=1)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def on_term() -> None:
+        if app.draining:
+            return
+        log.info("SIGTERM: cancelling %d stream(s) and shutting down", app.streams)
+        hard_exit_after(SHUTDOWN_GRACE_S + 2.0, 0)
+        app.cancel_all()
+        loop.create_task(_finish(server, app))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_term)
+    await server.serve()
+
+
+async def _finish(server: object, app: object) -> None:
+    # Let every cancelled stream write its done line, then stop serving.
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while getattr(app, "streams", 0) > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    server.should_exit = True  # type: ignore[attr-defined]
+    server.force_exit = True  # type: ignore[attr-defined]
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling (we own SIGTERM)."""
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    return Server
+
+
+def _Server(config: object) -> object:  # noqa: N802 - reads as a class at the call site
+    return _server_class()(config)
+
+
+if __name__ == "__main__":
+    main()

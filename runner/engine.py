@@ -1,0 +1,216 @@
+"""The generation thread: the only thread that touches MLX.
+
+HTTP handlers submit Sequences through a thread-safe queue and read results
+from a per-sequence asyncio queue that this thread feeds with
+loop.call_soon_threadsafe. Up to num_parallel sequences decode together in
+one mlx_lm BatchGenerator; new ones are admitted between steps, the rest wait
+in FIFO order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.generate import BatchGenerator
+
+from runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
+from runner.sampling import make_processors, make_sampler
+from runner.stops import StopMatcher
+
+log = logging.getLogger("runner")
+
+# What the generation thread sends to a sequence's output queue.
+Event = tuple[str, Any]  # ("text", str) | ("done", dict) | ("error", str)
+
+
+@dataclass
+class Sequence:
+    """One request's state, shared between its handler and the generation thread."""
+
+    prompt: list[int]
+    options: SamplingOptions
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    uid: int | None = None
+    eval_count: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    first_token: float = 0.0
+    finished: bool = False
+    detok: Any = None
+    stops: StopMatcher | None = None
+
+    def emit(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_ctx = num_ctx
+        self.num_parallel = num_parallel
+        self._inbox: queue.Queue[tuple[str, Sequence | None]] = queue.Queue()
+        self._waiting: deque[Sequence] = deque()
+        self._active: dict[int, Sequence] = {}
+        self._stop = threading.Event()
+        self._eos = set(tokenizer.eos_token_ids)
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self.active_count = 0
+        self.queued_count = 0
+
+    # -- called from the HTTP side ------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def submit(self, seq: Sequence) -> None:
+        self._inbox.put(("add", seq))
+
+    def cancel(self, seq: Sequence) -> None:
+        self._inbox.put(("cancel", seq))
+
+    def cancel_all(self) -> None:
+        self._inbox.put(("cancel_all", None))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=5)
+
+    # -- the generation thread ----------------------------------------------
+
+    def _run(self) -> None:
+        gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self._eos],
+            completion_batch_size=self.num_parallel,
+            prefill_batch_size=self.num_parallel,
+        )
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(gen, block=not self._active)
+                self._admit(gen)
+                if self._active:
+                    self._step(gen)
+        except Exception as e:  # a dead generation thread must be visible: /health goes 503
+            log.exception("generation thread failed")
+            for seq in [*self._active.values(), *self._waiting]:
+                seq.emit("error", f"generation failed: {e}")
+            self._stop.set()
+        finally:
+            gen.close()
+
+    def _drain_inbox(self, gen: BatchGenerator, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(gen, *item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, gen: BatchGenerator, kind: str, seq: Sequence | None) -> None:
+        if kind == "add" and seq is not None:
+            self._waiting.append(seq)
+        elif kind == "cancel" and seq is not None:
+            self._finish(gen, seq, DONE_CANCELLED)
+        elif kind == "cancel_all":
+            for s in [*self._active.values(), *self._waiting]:
+                self._finish(gen, s, DONE_CANCELLED)
+        self._update_counts()
+
+    def _admit(self, gen: BatchGenerator) -> None:
+        batch: list[Sequence] = []
+        while self._waiting and len(self._active) + len(batch) < self.num_parallel:
+            batch.append(self._waiting.popleft())
+        if not batch:
+            return
+        uids = gen.insert(
+            [s.prompt for s in batch],
+            max_tokens=[s.max_tokens for s in batch],
+            samplers=[make_sampler(s.options) for s in batch],
+            logits_processors=[make_processors(s.options, self.num_ctx) for s in batch],
+        )
+        now = time.perf_counter()
+        for uid, seq in zip(uids, batch):
+            seq.uid, seq.admitted = uid, now
+            seq.detok = self.tokenizer.detokenizer
+            seq.stops = StopMatcher(seq.options.stop)
+            self._active[uid] = seq
+        self._update_counts()
+
+    def _step(self, gen: BatchGenerator) -> None:
+        _, responses = gen.next()
+        now = time.perf_counter()
+        for r in responses:
+            seq = self._active.get(r.uid)
+            if seq is None:
+                continue
+            if not seq.first_token:
+                seq.first_token = now
+            self._on_token(gen, seq, r.token, r.finish_reason)
+
+    def _on_token(self, gen: BatchGenerator, seq: Sequence, token: int, finish: str | None) -> None:
+        assert seq.stops is not None
+        if token in self._eos:
+            # EOS ends the sequence and, as in mlx_lm.stream_generate, is not text.
+            self._finish(gen, seq, DONE_STOP)
+            return
+        seq.eval_count += 1
+        seq.detok.add_token(token)
+        text = seq.stops.feed(seq.detok.last_segment)
+        if text:
+            seq.emit("text", text)
+        if seq.stops.stopped:
+            self._finish(gen, seq, DONE_STOP)
+        elif finish is not None:
+            self._finish(gen, seq, DONE_LENGTH if finish == "length" else DONE_STOP)
+
+    def _finish(self, gen: BatchGenerator, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.uid is not None and seq.uid in self._active:
+            del self._active[seq.uid]
+            gen.remove([seq.uid])  # frees its KV cache slot (a no-op if already done)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if reason != DONE_CANCELLED and seq.detok is not None and seq.stops is not None:
+            seq.detok.finalize()
+            tail = seq.stops.feed(seq.detok.last_segment) + seq.stops.flush()
+            if tail:
+                seq.emit("text", tail)
+        seq.emit("done", self._done_fields(seq, reason))
+        self._update_counts()
+
+    def _done_fields(self, seq: Sequence, reason: str) -> dict[str, Any]:
+        end = time.perf_counter()
+        first = seq.first_token or end
+        start = seq.admitted or end
+        return {
+            "done_reason": reason,
+            "prompt_eval_count": len(seq.prompt),
+            "prompt_eval_duration": int((first - start) * 1e9),
+            "eval_count": seq.eval_count,
+            "eval_duration": int((end - first) * 1e9),
+        }
+
+    def _update_counts(self) -> None:
+        self.active_count = len(self._active)
+        self.queued_count = len(self._waiting)

@@ -1,0 +1,119 @@
+"""Cheap checks on a model directory, done before importing mlx.
+
+A runner that cannot load its model must say why in one line within seconds.
+Most broken directories (missing config, unknown architecture, truncated
+weights, no tokenizer) can be recognised from file metadata alone, which is
+far faster and clearer than letting mlx_lm fail deep inside a load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+
+# model_type values mlx_lm maps onto another module (mlx_lm.utils MODEL_REMAPPING).
+_REMAPPED = {"mistral": "llama", "llava": "mistral3", "phi-msft": "phixtral", "falcon_mamba": "mamba"}
+
+# safetensors dtype -> bytes per element, to check each tensor's extent.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+
+class ModelDirError(Exception):
+    """The model directory cannot be loaded; str() is the one-line reason."""
+
+
+def read_config(model_dir: Path) -> dict[str, object]:
+    """config.json as a dict, or ModelDirError saying what is wrong with it."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return config
+
+
+def check_model_type(config: dict[str, object], model_dir: Path) -> None:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelDirError(f"{model_dir}/config.json: no model_type")
+    module = _REMAPPED.get(model_type, model_type).replace("-", "_")
+    if importlib.util.find_spec("mlx_lm") is None:
+        raise ModelDirError("mlx_lm is not installed")
+    if importlib.util.find_spec(f"mlx_lm.models.{module}") is None:
+        raise ModelDirError(f"{model_dir}: model_type {model_type!r} is not supported by mlx_lm")
+
+
+def check_safetensors(path: Path) -> None:
+    """Header parses and every tensor's bytes lie inside the file."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelDirError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise ModelDirError(f"{path}: corrupt safetensors header (length {header_len})")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelDirError(f"{path}: corrupt safetensors header")
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            want = count * _DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            raise ModelDirError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if end > data_size:
+            raise ModelDirError(
+                f"{path}: truncated safetensors file ({name!r} ends at byte {end}, data has {data_size})"
+            )
+        if want and end - start != want:
+            raise ModelDirError(f"{path}: corrupt safetensors entry for {name!r} (size mismatch)")
+
+
+def check_model_dir(model_dir: Path) -> dict[str, object]:
+    """Raise ModelDirError for a directory that cannot load; return its config."""
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir}: not a directory")
+    config = read_config(model_dir)
+    check_model_type(config, model_dir)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise ModelDirError(f"{model_dir}: no *.safetensors weight files")
+    for path in weights:
+        check_safetensors(path)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelDirError(f"{model_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
+    return config
+
+
+def default_num_ctx(config: dict[str, object], cap: int) -> int:
+    """min(cap, max_position_embeddings) where the config says it."""
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return min(cap, value)
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        return default_num_ctx(text, cap)
+    return cap

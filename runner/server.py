@@ -1,0 +1,270 @@
+"""The runner's HTTP side: starlette routes over the generation Engine.
+
+Routes and stream shapes follow shared/DESIGN.md ("The runner protocol").
+Handlers never touch MLX; tokenization is pure tokenizer work and is safe
+outside the generation thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import resource
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import mlx.core as mx
+import psutil
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runner.engine import Engine, Sequence
+from runner.protocol import (
+    DONE_CANCELLED,
+    NDJSON,
+    ROUTE_COMPLETION,
+    ROUTE_DETOKENIZE,
+    ROUTE_HEALTH,
+    ROUTE_STATUS,
+    ROUTE_TOKENIZE,
+    OptionError,
+    chunk_line,
+    done_line,
+    error_line,
+    parse_options,
+)
+from runner.tools import ToolCallSplitter
+
+log = logging.getLogger("runner")
+
+
+class BadInput(Exception):
+    """A request the runner refuses before streaming (HTTP 400)."""
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+class RunnerApp:
+    def __init__(self, engine: Engine, *, model_name: str, token: str | None) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.token = token
+        self.draining = False
+        self.streams = 0
+        self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+        self._proc = psutil.Process()
+        self.app = Starlette(
+            routes=[
+                Route(ROUTE_HEALTH, self.health, methods=["GET"]),
+                Route(ROUTE_STATUS, self.status, methods=["GET"]),
+                Route(ROUTE_TOKENIZE, self.tokenize, methods=["POST"]),
+                Route(ROUTE_DETOKENIZE, self.detokenize, methods=["POST"]),
+                Route(ROUTE_COMPLETION, self.completion, methods=["POST"]),
+            ],
+            exception_handlers={404: self._not_found, 405: self._not_allowed},
+        )
+        self.app.add_middleware(_Auth, token=token)  # type: ignore[arg-type]
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return error(404, f"no route {request.url.path}")
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return error(405, f"method {request.method} not allowed on {request.url.path}")
+
+    # -- routes -------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.alive and not self.draining:
+            return JSONResponse({"status": "ok"})
+        return error(503, "runner is shutting down" if self.draining else "generation thread is not running")
+
+    async def status(self, request: Request) -> Response:
+        rss = self._proc.memory_info().rss
+        return JSONResponse({
+            "status": "ok" if self.engine.alive and not self.draining else "stopping",
+            "model": self.model_name,
+            "pid": os.getpid(),
+            "context_length": self.engine.num_ctx,
+            "num_parallel": self.engine.num_parallel,
+            "active": self.engine.active_count,
+            "queued": self.engine.queued_count,
+            "device": self.device,
+            "memory": {
+                "active": mx.get_active_memory(),
+                "cache": mx.get_cache_memory(),
+                "peak": mx.get_peak_memory(),
+                "rss": rss,
+                "peak_rss": max(rss, peak_rss_bytes()),
+            },
+        })
+
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            body = await _json_object(request)
+            content = body.get("content")
+            if not isinstance(content, str):
+                raise BadInput("'content' must be a string")
+            add_special = body.get("add_special", False)
+            if not isinstance(add_special, bool):
+                raise BadInput("'add_special' must be a boolean")
+        except BadInput as e:
+            return error(400, str(e))
+        return JSONResponse({"tokens": self.tokenizer.encode(content, add_special_tokens=add_special)})
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            body = await _json_object(request)
+            tokens = body.get("tokens")
+            vocab = len(self.tokenizer.get_vocab())
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+            ):
+                raise BadInput(f"'tokens' must be a list of token ids in [0, {vocab})")
+        except BadInput as e:
+            return error(400, str(e))
+        return JSONResponse({"content": self.tokenizer.decode(tokens)})
+
+    async def completion(self, request: Request) -> Response:
+        if self.draining:
+            return error(503, "runner is shutting down")
+        if not self.engine.alive:
+            return error(503, "generation thread is not running")
+        try:
+            body = await _json_object(request)
+            options = parse_options(body.get("options"))
+            prompt, tools = self._prompt_tokens(body)
+        except (BadInput, OptionError) as e:
+            return error(400, str(e))
+        room = self.engine.num_ctx - len(prompt)
+        if room <= 0:
+            return error(400, f"prompt is {len(prompt)} tokens but the context window "
+                              f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}")
+        max_tokens = room if options.num_predict < 0 else min(options.num_predict, room)
+        if max_tokens == 0:
+            return StreamingResponse(iter([_line(done_line(
+                "length", prompt_eval_count=len(prompt), prompt_eval_duration=0,
+                eval_count=0, eval_duration=0))]), media_type=NDJSON)
+        seq = Sequence(prompt=prompt, options=options, max_tokens=max_tokens,
+                       loop=asyncio.get_running_loop())
+        log.info("request start: prompt_tokens=%d max_tokens=%d", len(prompt), max_tokens)
+        self.engine.submit(seq)
+        splitter = ToolCallSplitter(self.tokenizer, tools) if tools else None
+        return StreamingResponse(self._stream(seq, splitter), media_type=NDJSON)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _prompt_tokens(self, body: dict[str, Any]) -> tuple[list[int], list[Any] | None]:
+        prompt = body.get("prompt")
+        messages = body.get("messages")
+        tools = body.get("tools")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise BadInput("'prompt' must be a string")
+            if not prompt:
+                raise BadInput("'prompt' is empty")
+            tok = self.tokenizer
+            # Exactly as mlx_lm.stream_generate tokenizes a string prompt.
+            add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+            return list(tok.encode(prompt, add_special_tokens=add_special)), None
+        if messages is None:
+            raise BadInput("request needs 'prompt' or 'messages'")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise BadInput("'messages' must be a non-empty list of objects")
+        if tools is not None and not isinstance(tools, list):
+            raise BadInput("'tools' must be a list")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tools=tools or None, add_generation_prompt=True)
+        except Exception as e:  # template errors (bad roles, missing keys) are the client's
+            raise BadInput(f"chat template failed: {e}") from None
+        if isinstance(ids, str):
+            ids = self.tokenizer.encode(ids, add_special_tokens=False)
+        if not ids:
+            raise BadInput("the rendered prompt is empty")
+        return list(ids), tools or None
+
+    async def _stream(self, seq: Sequence, splitter: ToolCallSplitter | None) -> AsyncIterator[bytes]:
+        self.streams += 1
+        done = False
+        try:
+            while True:
+                kind, value = await seq.out.get()
+                if kind == "text":
+                    text = splitter.feed(value) if splitter else value
+                    if text:
+                        yield _line(chunk_line(text))
+                elif kind == "error":
+                    done = True
+                    yield _line(error_line(value))
+                    return
+                else:
+                    done = True
+                    fields = dict(value)
+                    line = done_line(fields.pop("done_reason"), **fields)
+                    if splitter:
+                        rest, calls = splitter.finish()
+                        if rest:
+                            yield _line(chunk_line(rest))
+                        if calls:
+                            line["tool_calls"] = calls
+                    log.info("request end: reason=%s prompt_tokens=%d eval_tokens=%d",
+                             value["done_reason"], value["prompt_eval_count"], value["eval_count"])
+                    yield _line(line)
+                    return
+        finally:
+            self.streams -= 1
+            if not done:  # the client went away: free the slot
+                log.info("request cancelled by client disconnect")
+                self.engine.cancel(seq)
+
+    def cancel_all(self) -> None:
+        self.draining = True
+        self.engine.cancel_all()
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadInput("request body must be a JSON object")
+    return body
+
+
+class _Auth:
+    """Bearer-token check on every request when CORRAL_RUNNER_TOKEN is set."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.expected is not None and scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                await error(401, "missing or wrong bearer token")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+__all__ = ["RunnerApp", "DONE_CANCELLED"]

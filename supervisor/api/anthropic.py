@@ -1,0 +1,409 @@
+"""The Anthropic-compatible API: POST /v1/messages.
+
+Request fields, the streaming event sequence and the error object follow
+Anthropic's Messages API so the official `anthropic` client works unchanged.
+Decisions of ours:
+
+- A model name that is not a local model (SDKs send `claude-*`) is served by
+  CORRAL_DEFAULT_MODEL when that is set; otherwise 404 not_found_error.
+- Stop sequences are matched here, not in the runner, so the response can say
+  which one matched (stop_reason "stop_sequence", stop_sequence set). When one
+  matches, the runner stream is closed (cancelling the sequence); the usage
+  then counts the streamed chunks as output tokens, and input_tokens is 0
+  because the runner's final line never came.
+- input_tokens is known only when the runner finishes, so message_start
+  carries 0 and message_delta carries the real count (the SDK takes it from
+  there).
+- tool_use / tool_result blocks and `tools` are passed to the model's chat
+  template in the OpenAI-style shape HF templates expect; tool calls that come
+  back become tool_use blocks (stop_reason "tool_use"). Images and documents
+  are refused with a 400.
+- `keep_alive` (Ollama's duration) is accepted as an extension field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from supervisor.api.context import AppContext
+from supervisor.api.openai import (
+    SSE,
+    abandon,
+    bool_field,
+    keep_alive_field,
+    model_field,
+    new_id,
+    sse,
+    start_completion,
+    text_tool_calls,
+    tool_call_out,
+    wire_options,
+)
+from supervisor.app import read_json
+from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from supervisor.scheduler import Lease
+
+log = logging.getLogger("corral")
+
+# ---- errors ----------------------------------------------------------------
+
+
+def error_body(exc: CorralError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
+
+
+def render_error(exc: CorralError) -> Response:
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+
+
+def _stream_error(exc: Exception) -> bytes:
+    if not isinstance(exc, CorralError):
+        log.exception("Anthropic stream failed")
+        exc = CorralError(f"internal error: {type(exc).__name__}: {exc}")
+    return sse(error_body(exc), "error")
+
+
+# ---- request parsing -------------------------------------------------------
+
+
+def _block_text(block: dict[str, Any], where: str) -> str:
+    if block.get("type") == "text" and isinstance(block.get("text"), str):
+        return str(block["text"])
+    raise BadRequest(f"{where} must be a text block", param="messages")
+
+
+def _system(body: dict[str, Any]) -> str:
+    system = body.get("system")
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list) and all(isinstance(b, dict) for b in system):
+        return "\n\n".join(_block_text(b, f"system[{i}]") for i, b in enumerate(system))
+    raise BadRequest("'system' must be a string or an array of text blocks", param="system")
+
+
+def _tool_result_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_block_text(b, f"{where}.content[{j}]") if isinstance(b, dict) else ""
+                       for j, b in enumerate(content))
+    raise BadRequest(f"{where}.content must be a string or text blocks", param="messages")
+
+
+def _convert_message(m: Any, i: int) -> list[dict[str, Any]]:
+    """One Anthropic message as runner (chat template) messages."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+        raise BadRequest(f"{where} must be an object with role 'user' or 'assistant'", param="messages")
+    role, content = m["role"], m.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or an array of blocks", param="messages")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        bw = f"{where}.content[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(_block_text(block, bw))
+        elif kind == "tool_use" and isinstance(block.get("name"), str):
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block["name"], "arguments": block.get("input") or {}}})
+        elif kind == "tool_result":
+            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                            "content": _tool_result_text(block.get("content"), bw)})
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # earlier reasoning is not replayed to the model
+        elif kind in ("image", "document"):
+            raise BadRequest(f"{bw}: '{kind}' blocks are not supported; corral serves text-only models",
+                             param="messages")
+        else:
+            raise BadRequest(f"{bw} has an unsupported block type {kind!r}", param="messages")
+    out = list(results)  # tool results answer the previous assistant turn: they come first
+    if texts or calls or not results:
+        msg: dict[str, Any] = {"role": role, "content": "".join(texts)}
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", param="messages")
+    out: list[dict[str, Any]] = []
+    system = _system(body)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, m in enumerate(messages):
+        out.extend(_convert_message(m, i))
+    return out
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not tools or (isinstance(choice, dict) and choice.get("type") == "none"):
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                              for t in tools):
+        raise BadRequest("'tools' must be an array of {name, description, input_schema}", param="tools")
+    return [{"type": "function", "function": {
+        "name": t["name"], "description": t.get("description", ""),
+        "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}} for t in tools]
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    value = body.get("max_tokens")
+    if value is None:
+        raise BadRequest("max_tokens: Field required", param="max_tokens")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest("max_tokens: must be an integer of at least 1", param="max_tokens")
+    return value
+
+
+def _stop_sequences(body: dict[str, Any]) -> list[str]:
+    stops = body.get("stop_sequences")
+    if stops is None:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop_sequences: must be an array of strings", param="stop_sequences")
+    return [s for s in stops if s]
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    # Anthropic's defaults: temperature 1, no nucleus/top-k filtering, no repeat penalty.
+    raw: dict[str, Any] = {"num_predict": _max_tokens(body), "temperature": 1.0, "top_p": 1.0,
+                           "top_k": 0, "repeat_penalty": 1.0}
+    for key in ("temperature", "top_p", "top_k"):
+        if body.get(key) is not None:
+            raw[key] = body[key]
+    return wire_options(raw, {"num_predict": "max_tokens", "temperature": "temperature",
+                              "top_p": "top_p", "top_k": "top_k"})
+
+
+# ---- stop sequences --------------------------------------------------------
+
+
+class StopScanner:
+    """Finds the first stop sequence in streamed text, holding back possible prefixes of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.buffer = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> str:
+        """Text safe to emit now; sets `matched` when a stop sequence appears."""
+        if not self.stops:
+            return text
+        self.buffer += text
+        hits = [(self.buffer.find(s), s) for s in self.stops if s in self.buffer]
+        if hits:
+            index, self.matched = min(hits)
+            out, self.buffer = self.buffer[:index], ""
+            return out
+        keep = max((k for s in self.stops for k in range(len(s) - 1, 0, -1)
+                    if self.buffer.endswith(s[:k])), default=0)
+        out = self.buffer[:len(self.buffer) - keep]
+        self.buffer = self.buffer[len(out):]
+        return out
+
+    def flush(self) -> str:
+        rest, self.buffer = self.buffer, ""
+        return rest
+
+
+# ---- one request -------------------------------------------------------------
+
+
+def _resolve_model(ctx: AppContext, name: str) -> str:
+    """The local model to serve `name`: itself, else CORRAL_DEFAULT_MODEL, else 404."""
+    try:
+        ctx.store.resolve(name)
+        return name
+    except ModelNotFound:
+        default = ctx.settings.default_model
+        if not default:
+            raise ModelNotFound(name, f"model '{name}' not found (set CORRAL_DEFAULT_MODEL to serve "
+                                      "other model names with a local model)") from None
+        return default
+
+
+class MessageRequest:
+    def __init__(self, ctx: AppContext, body: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.model = model_field(body)
+        self.stream = bool_field(body, "stream")
+        self.keep_alive = keep_alive_field(body)
+        self.stops = _stop_sequences(body)
+        self.tools = _tools(body)
+        self.runner_body: dict[str, Any] = {"options": _options(body), "messages": _messages(body)}
+        if self.tools:
+            self.runner_body["tools"] = self.tools
+        self.id = new_id("msg_")
+
+    async def respond(self) -> Response:
+        local = _resolve_model(self.ctx, self.model)
+        lease, lines = await start_completion(self.ctx, local, self.keep_alive, self.runner_body)
+        if self.stream:
+            return StreamingResponse(self._stream(lease, lines), media_type=SSE,
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await self._collect(lines))
+        finally:
+            await abandon(lease, lines)
+
+    def _calls(self, text: str, done: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        raw = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
+        if self.tools and not raw:
+            text, raw = text_tool_calls(text)
+        blocks = []
+        for call in raw:
+            parsed = tool_call_out(call)
+            if parsed is not None:
+                name, args = parsed
+                blocks.append({"type": "tool_use", "id": new_id("toolu_"), "name": name,
+                               "input": args if isinstance(args, dict) else {"value": args}})
+        return text, blocks
+
+    def _stop_reason(self, done: dict[str, Any] | None, scanner: StopScanner, calls: bool) -> str:
+        if scanner.matched is not None:
+            return "stop_sequence"
+        if calls:
+            return "tool_use"
+        return "max_tokens" if done is not None and done.get("done_reason") == "length" else "end_turn"
+
+    @staticmethod
+    def _usage(done: dict[str, Any] | None, chunks: int) -> dict[str, int]:
+        if done is None:  # stopped by a stop sequence: the runner's counts never came
+            return {"input_tokens": 0, "output_tokens": chunks}
+        return {"input_tokens": int(done.get("prompt_eval_count", 0)),
+                "output_tokens": int(done.get("eval_count", 0))}
+
+    async def _run(self, lines: AsyncIterator[dict[str, Any]],
+                   scanner: StopScanner) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """(text, None) for each piece of text, then ("", done line or None if a stop matched)."""
+        async for event in lines:
+            if "error" in event:
+                raise RunnerFailed(str(event["error"]))
+            self.chunks += 1 if event.get("content") else 0
+            text = scanner.feed(str(event.get("content", "")))
+            if scanner.matched is not None:
+                if text:
+                    yield text, None
+                yield "", None
+                return
+            if event.get("done"):
+                text += scanner.flush()
+                if text:
+                    yield text, None
+                yield "", event
+                return
+            if text:
+                yield text, None
+        raise RunnerFailed("the model's stream ended without a final line")
+
+    def _message(self, content: list[dict[str, Any]], usage: dict[str, int],
+                 stop_reason: str | None, stop_sequence: str | None) -> dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": usage}
+
+    async def _collect(self, lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+        scanner, parts, done = StopScanner(self.stops), list[str](), None
+        self.chunks = 0
+        async for text, last in self._run(lines, scanner):
+            parts.append(text)
+            done = last
+        text, calls = self._calls("".join(parts), done or {})
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+        content.extend(calls)
+        return self._message(content, self._usage(done, self.chunks),
+                             self._stop_reason(done, scanner, bool(calls)), scanner.matched)
+
+    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        scanner = StopScanner(self.stops)
+        self.chunks = 0
+        held = ""  # with tools, text waits until we know whether it is a tool call
+        index = 0
+        try:
+            start = self._message([], {"input_tokens": 0, "output_tokens": 0}, None, None)
+            yield sse({"type": "message_start", "message": start}, "message_start")
+            yield sse({"type": "content_block_start", "index": 0,
+                       "content_block": {"type": "text", "text": ""}}, "content_block_start")
+            yield sse({"type": "ping"}, "ping")
+            done: dict[str, Any] | None = None
+            async for text, last in self._run(lines, scanner):
+                done = last
+                if self.tools:
+                    held += text
+                elif text:
+                    yield self._text_delta(text)
+            calls: list[dict[str, Any]] = []
+            if self.tools:
+                held, calls = self._calls(held, done or {})
+                if held:
+                    yield self._text_delta(held)
+            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            for call in calls:
+                index += 1
+                for event in self._tool_use_events(index, call):
+                    yield event
+            usage = self._usage(done, self.chunks)
+            yield sse({"type": "message_delta",
+                       "delta": {"stop_reason": self._stop_reason(done, scanner, bool(calls)),
+                                 "stop_sequence": scanner.matched},
+                       "usage": usage}, "message_delta")
+            yield sse({"type": "message_stop"}, "message_stop")
+        except Exception as e:  # after the 200 went out, an error event is all that is left
+            yield _stream_error(e)
+        finally:
+            await abandon(lease, lines)
+
+    @staticmethod
+    def _text_delta(text: str) -> bytes:
+        return sse({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": text}}, "content_block_delta")
+
+    @staticmethod
+    def _tool_use_events(index: int, call: dict[str, Any]) -> list[bytes]:
+        start = {"type": "tool_use", "id": call["id"], "name": call["name"], "input": {}}
+        return [
+            sse({"type": "content_block_start", "index": index, "content_block": start},
+                "content_block_start"),
+            sse({"type": "content_block_delta", "index": index,
+                 "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["input"])}},
+                "content_block_delta"),
+            sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
+        ]
+
+
+# ---- handlers ----------------------------------------------------------------
+
+
+async def messages(request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        ctx: AppContext = request.app.state.ctx
+        return await MessageRequest(ctx, body).respond()
+    except CorralError as e:
+        return render_error(e)
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    return [Route("/v1/messages", messages, methods=["POST"])]

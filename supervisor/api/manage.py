@@ -1,0 +1,112 @@
+"""Model management routes: POST /api/pull and POST /api/create (Ollama's shapes).
+
+/api/pull streams Ollama's progress lines as NDJSON by default; with
+"stream": false it answers once, {"status": "success"}, when done. Failures
+found before the stream starts (bad name, unknown repo, not an MLX model) are
+HTTP errors {"error": ...}; a failure during the download is an error line.
+
+/api/create registers a local directory under a name: {"model": NAME,
+"from": DIR}; the store checks the directory loads as an MLX model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from supervisor import pull as pulling
+from supervisor.api.context import AppContext
+from supervisor.app import read_json
+from supervisor.errors import BadRequest, CorralError
+
+log = logging.getLogger("corral")
+NDJSON = "application/x-ndjson"
+
+
+def _name_field(body: dict[str, Any], *keys: str) -> str:
+    for key in keys:
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise BadRequest(f"'{key}' must be a non-empty string", param=key)
+            return value.strip()
+    raise BadRequest(f"missing '{keys[0]}': the model to act on", param=keys[0])
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", True)
+    if stream is None:
+        return True
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    return stream
+
+
+async def _ndjson(events: AsyncIterator[dict[str, Any]], repo: str) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield (json.dumps(event) + "\n").encode()
+    except CorralError as e:
+        log.warning("pull of %s failed: %s", repo, e.message)
+        yield (json.dumps({"error": e.message}) + "\n").encode()
+    except Exception as e:  # the stream has started: report in-band, keep serving
+        log.exception("pull of %s failed", repo)
+        yield (json.dumps({"error": f"pull failed: {type(e).__name__}: {e}"}) + "\n").encode()
+
+
+async def pull(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    body = await read_json(request)
+    name = _name_field(body, "model", "name")
+    stream = _stream_flag(body)
+    if not stream:
+        events = await pulling.pull_model(ctx, name)
+        return JSONResponse(events[-1])
+    # start_pull checks the repo first, so those failures get real HTTP statuses.
+    events_iter = await pulling.start_pull(pulling.hub_cache_dir(ctx), name)
+    return StreamingResponse(_ndjson(events_iter, str(name)), media_type=NDJSON)
+
+
+async def create(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    body = await read_json(request)
+    name = _name_field(body, "model", "name")
+    source = body.get("from")
+    if not isinstance(source, str) or not source.strip():
+        if body.get("modelfile") is not None or body.get("files") is not None:
+            raise BadRequest("only {\"model\": NAME, \"from\": DIRECTORY} is supported: "
+                             "Modelfiles and blob uploads are not", param="from")
+        raise BadRequest("missing 'from': the directory of an MLX model to register", param="from")
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        raise BadRequest(f"'from' must be an absolute directory path, got '{source}'", param="from")
+    if not path.is_dir():
+        raise BadRequest(f"'from': no such directory: {source}", param="from")
+    try:
+        ref = await anyio.to_thread.run_sync(ctx.store.register, name, path)
+    except CorralError:
+        raise
+    except ValueError as e:  # ManifestError: not a loadable model
+        raise BadRequest(f"'{source}' is not an MLX model: {e}", param="from") from None
+    stream = body.get("stream", True)
+    done = {"status": "success", "model": ref.name}
+    if stream is False:
+        return JSONResponse(done)
+    lines = [{"status": "parsing model directory"}, {"status": "writing manifest"}, done]
+    return Response("".join(json.dumps(x) + "\n" for x in lines), media_type=NDJSON)
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    return [
+        Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/create", create, methods=["POST"]),
+    ]
+

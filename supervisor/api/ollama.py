@@ -1,0 +1,673 @@
+"""The Ollama API: /api/generate, /api/chat, /api/tags, /api/ps, /api/show, ...
+
+Field names and stream shapes follow Ollama's API so its clients work as is.
+Decisions of ours:
+
+- /api/generate applies the model's chat template unless `raw` is true (as
+  Ollama does): the prompt becomes a user message, `system` a system message,
+  and the runner renders them. With `raw` the prompt goes to the model as is.
+- Model names are listed with Ollama's ":latest" tag ("org/repo:latest");
+  requests may carry it or not.
+- A model kept forever reports expires_at 9999-12-31T23:59:59Z.
+- `format`, `images` and `suffix` are not supported: 400, never silently ignored.
+- Tool calls: when `tools` are given, `<tool_call>{json}</tool_call>` blocks in the
+  output (the Hermes/Qwen convention) come back as message.tool_calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+import supervisor
+from runner.protocol import NDJSON, OptionError, options_to_wire, parse_options
+from supervisor.api.context import AppContext
+from supervisor.app import read_json
+from supervisor.config import apply_patch, parse_keep_alive, settings_to_json
+from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from supervisor.manifest import Manifest
+from supervisor.scheduler import Lease, LoadedModel
+from supervisor.store import ModelRef
+
+log = logging.getLogger("corral")
+
+FOREVER_RFC3339 = "9999-12-31T23:59:59Z"
+MAX_NUM_CTX = 10_000_000
+ROLES = ("system", "user", "assistant", "tool")
+
+
+# ---- small helpers -------------------------------------------------------
+
+
+def rfc3339(ts: float | None = None) -> str:
+    moment = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def tagged(name: str) -> str:
+    """Ollama shows every model with a tag."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _model_field(body: dict[str, Any], *keys: str) -> str:
+    for key in keys or ("model",):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise BadRequest(f"'{key}' must be a non-empty string", param=key)
+            return value
+    raise BadRequest(f"'{(keys or ('model',))[0]}' is required", param=keys[0] if keys else "model")
+
+
+def _str_field(body: dict[str, Any], key: str, default: str = "") -> str:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string", param=key)
+    return value
+
+
+def _bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{key}' must be true or false", param=key)
+    return value
+
+
+def _keep_alive(body: dict[str, Any]) -> float | None:
+    raw = body.get("keep_alive")
+    return None if raw is None else parse_keep_alive(raw)
+
+
+def _sampling(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """Validated runner options and the requested num_ctx (None: the server default)."""
+    raw = body.get("options")
+    try:
+        opts = parse_options(raw)
+    except OptionError as e:
+        raise BadRequest(str(e), param="options") from None
+    num_ctx = raw.get("num_ctx") if isinstance(raw, dict) else None
+    if num_ctx is not None and (
+        isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or not 1 <= num_ctx <= MAX_NUM_CTX
+    ):
+        raise BadRequest(f"option 'num_ctx' must be an integer between 1 and {MAX_NUM_CTX}",
+                             param="options")
+    return options_to_wire(opts), num_ctx
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    fmt = body.get("format")
+    if fmt not in (None, ""):
+        raise BadRequest("'format' (structured output) is not supported by this server", param="format")
+    if body.get("images"):
+        raise BadRequest("images are not supported: corral serves text-only models", param="images")
+    if body.get("suffix"):
+        raise BadRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRequest("'tools' must be a list of objects", param="tools")
+    return tools
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = body.get("messages")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise BadRequest("'messages' must be a list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}", param="messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string", param="messages")
+        if m.get("images"):
+            raise BadRequest(f"messages[{i}].images: images are not supported (text-only models)",
+                             param="messages")
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], list):
+                raise BadRequest(f"messages[{i}].tool_calls must be a list", param="messages")
+            msg["tool_calls"] = m["tool_calls"]
+        for extra in ("tool_name", "name", "tool_call_id"):
+            if isinstance(m.get(extra), str):
+                msg[extra] = m[extra]
+        out.append(msg)
+    return out
+
+
+async def _acquire(ctx: AppContext, name: str, keep_alive: float | None,
+                   num_ctx: int | None) -> Lease:
+    """acquire, pulling the model once if the server allows pulls of it."""
+    try:
+        return await ctx.scheduler.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
+    except ModelNotFound:
+        if not await _pull_if_allowed(ctx, name):
+            raise
+        return await ctx.scheduler.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
+
+
+async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
+    try:
+        pull = importlib.import_module("supervisor.pull")
+    except ImportError:  # the pull feature is another part of the project
+        return False
+    return bool(await pull.pull_if_allowed(ctx, name))
+
+
+async def _close(lines: AsyncIterator[Any]) -> None:
+    # An async generator left unclosed keeps the runner's stream (and its slot) busy.
+    aclose = getattr(lines, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+# ---- tool calls ----------------------------------------------------------
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _parse_call(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    args = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"function": {"name": value["name"], "arguments": args}}
+
+
+class ToolCallFilter:
+    """Splits streamed text into visible content and parsed tool calls.
+
+    Text that might start a `<tool_call>` tag is held back until it is clear;
+    a block that is not valid JSON is passed through as text.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self.buffer += text
+        visible, calls = "", list[dict[str, Any]]()
+        while True:
+            start = self.buffer.find(_OPEN)
+            if start < 0:
+                # keep a suffix that could be the beginning of the open tag
+                keep = next((k for k in range(len(_OPEN) - 1, 0, -1)
+                             if self.buffer.endswith(_OPEN[:k])), 0)
+                cut = len(self.buffer) - keep
+                visible += self.buffer[:cut]
+                self.buffer = self.buffer[cut:]
+                return visible, calls
+            end = self.buffer.find(_CLOSE, start)
+            if end < 0:
+                visible += self.buffer[:start]
+                self.buffer = self.buffer[start:]
+                return visible, calls
+            block = self.buffer[start + len(_OPEN):end]
+            call = _parse_call(block.strip())
+            if call is None:
+                visible += self.buffer[:end + len(_CLOSE)]
+            else:
+                visible += self.buffer[:start]
+                calls.append(call)
+            self.buffer = self.buffer[end + len(_CLOSE):]
+
+    def flush(self) -> str:
+        rest, self.buffer = self.buffer, ""
+        return rest
+
+
+# ---- generation ----------------------------------------------------------
+
+
+class Generation:
+    """One /api/generate or /api/chat request turned into Ollama lines."""
+
+    def __init__(self, ctx: AppContext, body: dict[str, Any], *, chat: bool) -> None:
+        self.started = time.monotonic()
+        self.chat = chat
+        self.model = _model_field(body)
+        self.stream = _bool_field(body, "stream", True)
+        _refuse_unsupported(body)
+        self.keep_alive = _keep_alive(body)
+        self.options, self.num_ctx = _sampling(body)
+        self.tools = _tools(body) if chat else None
+        self.runner_body: dict[str, Any] = {"options": self.options}
+        if chat:
+            self.messages = _messages(body)
+            self.empty = not self.messages
+            self.runner_body["messages"] = self.messages
+            if self.tools:
+                self.runner_body["tools"] = self.tools
+        else:
+            prompt = _str_field(body, "prompt")
+            system = _str_field(body, "system")
+            raw = _bool_field(body, "raw", False)
+            self.empty = prompt == ""
+            if raw:
+                self.runner_body["prompt"] = prompt
+            else:
+                messages = [{"role": "system", "content": system}] if system else []
+                messages.append({"role": "user", "content": prompt})
+                self.runner_body["messages"] = messages
+        self.ctx = ctx
+
+    def line(self, content: str, *, done: bool, calls: list[dict[str, Any]] | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "created_at": rfc3339()}
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            out["message"] = message
+        else:
+            out["response"] = content
+        out["done"] = done
+        if extra:
+            out.update(extra)
+        return out
+
+    def final(self, done: dict[str, Any], load_duration: float, content: str = "",
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return self.line(content, done=True, calls=calls, extra={
+            "done_reason": done.get("done_reason", "stop"),
+            "total_duration": _ns(time.monotonic() - self.started),
+            "load_duration": _ns(load_duration),
+            "prompt_eval_count": int(done.get("prompt_eval_count", 0)),
+            "prompt_eval_duration": int(done.get("prompt_eval_duration", 0)),
+            "eval_count": int(done.get("eval_count", 0)),
+            "eval_duration": int(done.get("eval_duration", 0)),
+        })
+
+    async def load_or_unload(self) -> Response:
+        """Empty prompt / messages: load the model (or unload it with keep_alive 0)."""
+        if self.keep_alive == 0:
+            ref = self.ctx.store.resolve(self.model)
+            await self.ctx.scheduler.unload(ref.name)
+            reason = "unload"
+        else:
+            lease = await _acquire(self.ctx, self.model, self.keep_alive, self.num_ctx)
+            await lease.release()
+            reason = "load"
+        return JSONResponse(self.line("", done=True, extra={"done_reason": reason}))
+
+    async def respond(self) -> Response:
+        if self.empty:
+            return await self.load_or_unload()
+        lease = await _acquire(self.ctx, self.model, self.keep_alive, self.num_ctx)
+        lines = lease.completion(self.runner_body)
+        try:
+            # Pull the first line before answering, so a failure before the stream
+            # starts gets its own HTTP status instead of a 200 with an error line.
+            first = await anext(lines)
+            if "error" in first:
+                raise RunnerFailed(str(first["error"]))
+        except StopAsyncIteration:
+            await self._abandon(lease, lines)
+            raise RunnerFailed("the model's runner answered with an empty stream") from None
+        except BaseException:
+            await self._abandon(lease, lines)
+            raise
+        if self.stream:
+            return StreamingResponse(self._stream(lease, lines, first), media_type=NDJSON)
+        try:
+            return JSONResponse(await self._collect(lease, lines, first))
+        finally:
+            await self._abandon(lease, lines)
+
+    @staticmethod
+    async def _abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:
+        with anyio.CancelScope(shield=True):
+            await _close(lines)
+            await lease.release()
+
+    async def _events(self, lines: AsyncIterator[dict[str, Any]],
+                      first: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield first
+        async for line in lines:
+            yield line
+
+    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]],
+                      first: dict[str, Any]) -> AsyncIterator[bytes]:
+        tools = ToolCallFilter() if self.tools else None
+        try:
+            async for event in self._events(lines, first):
+                if "error" in event:
+                    yield _dump({"error": str(event["error"])})
+                    return
+                text = str(event.get("content", ""))
+                calls: list[dict[str, Any]] = []
+                if tools is not None:
+                    text, calls = tools.feed(text)
+                    if event.get("done"):
+                        text += tools.flush()
+                if event.get("done"):
+                    if text or calls:
+                        yield _dump(self.line(text, done=False, calls=calls))
+                    yield _dump(self.final(event, lease.load_duration))
+                    return
+                if text or calls:
+                    yield _dump(self.line(text, done=False, calls=calls))
+            yield _dump({"error": "the model's stream ended without a final line"})
+        except CorralError as e:
+            yield _dump({"error": e.message})
+        except Exception as e:  # after the 200 went out, an error line is all that is left
+            log.exception("stream for %s failed", self.model)
+            yield _dump({"error": f"internal error: {type(e).__name__}: {e}"})
+        finally:
+            await self._abandon(lease, lines)
+
+    async def _collect(self, lease: Lease, lines: AsyncIterator[dict[str, Any]],
+                       first: dict[str, Any]) -> dict[str, Any]:
+        parts: list[str] = []
+        async for event in self._events(lines, first):
+            if "error" in event:
+                raise RunnerFailed(str(event["error"]))
+            parts.append(str(event.get("content", "")))
+            if event.get("done"):
+                text, calls = "".join(parts), list[dict[str, Any]]()
+                if self.tools:
+                    f = ToolCallFilter()
+                    text, calls = f.feed(text)
+                    text += f.flush()
+                return self.final(event, lease.load_duration, text, calls)
+        raise RunnerFailed("the model's stream ended without a final line")
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+async def generate(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return await Generation(ctx, await read_json(request), chat=False).respond()
+
+
+async def chat(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return await Generation(ctx, await read_json(request), chat=True).respond()
+
+
+# ---- listing and details -------------------------------------------------
+
+
+def details(manifest: Manifest | None) -> dict[str, Any]:
+    if manifest is None:
+        return {"parent_model": "", "format": "safetensors", "family": "", "families": None,
+                "parameter_size": "", "quantization_level": ""}
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": manifest.family,
+        "families": [manifest.family],
+        "parameter_size": manifest.parameter_size,
+        "quantization_level": manifest.quantization_level,
+    }
+
+
+def _manifest_or_none(ctx: AppContext, ref: ModelRef) -> Manifest | None:
+    # One unreadable directory in a big cache must not break the whole listing.
+    try:
+        return ctx.store.manifest(ref)
+    except (ValueError, OSError):
+        return None
+
+
+async def tags(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    models = []
+    for ref in await anyio.to_thread.run_sync(ctx.store.list):
+        manifest = _manifest_or_none(ctx, ref)
+        models.append({
+            "name": tagged(ref.name),
+            "model": tagged(ref.name),
+            "modified_at": rfc3339(ref.modified_at),
+            "size": ref.size,
+            "digest": ref.digest,
+            "details": details(manifest),
+        })
+    return JSONResponse({"models": models})
+
+
+def ps_row(m: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": tagged(m.name),
+        "model": tagged(m.name),
+        "size": m.size,
+        "digest": m.ref.digest,
+        "details": details(m.manifest),
+        "expires_at": FOREVER_RFC3339 if m.expires_at is None else rfc3339(m.expires_at),
+        "size_vram": m.size_vram,
+        "context_length": m.context_length,
+        # ours, beyond Ollama's fields:
+        "pid": m.pid,
+        "state": m.state,
+        "active": m.active,
+        "pinned": m.pinned,
+        "num_parallel": m.num_parallel,
+    }
+
+
+async def ps(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return JSONResponse({"models": [ps_row(m) for m in ctx.scheduler.loaded()]})
+
+
+def _read_text(path: Path, limit: int = 1 << 20) -> str | None:
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    text = _read_text(path, 16 << 20)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def chat_template(model_dir: Path) -> str:
+    """The chat template as shipped: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = _read_text(model_dir / "chat_template.jinja")
+    if jinja:
+        return jinja
+    template = _read_json_file(model_dir / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else ""
+
+
+def license_text(model_dir: Path) -> str | None:
+    for name in ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE"):
+        text = _read_text(model_dir / name)
+        if text is not None:
+            return text
+    return None
+
+
+def parameters_text(model_dir: Path) -> str:
+    """Ollama's `parameters`: one "name value" per line, from generation_config and the eos token."""
+    gen = _read_json_file(model_dir / "generation_config.json")
+    tok = _read_json_file(model_dir / "tokenizer_config.json")
+    lines = []
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if isinstance(gen.get(key), (int, float)) and not isinstance(gen.get(key), bool):
+            name = "repeat_penalty" if key == "repetition_penalty" else key
+            lines.append(f"{name:<15}{gen[key]}")
+    eos = tok.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str) and eos:
+        lines.append(f"{'stop':<15}{json.dumps(eos)}")
+    return "\n".join(lines)
+
+
+def model_info(manifest: Manifest, config: dict[str, Any]) -> dict[str, Any]:
+    arch = manifest.model_type
+    info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.parameter_count": manifest.parameter_count,
+        "general.file_type": manifest.quantization_level,
+        f"{arch}.context_length": manifest.max_context,
+        f"{arch}.block_count": manifest.num_layers,
+        f"{arch}.attention.head_count_kv": manifest.kv_heads,
+        f"{arch}.attention.key_length": manifest.head_dim,
+    }
+    for key, name in (("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),
+                      ("intermediate_size", "feed_forward_length"), ("vocab_size", "vocab_size"),
+                      ("rope_theta", "rope.freq_base")):
+        if isinstance(config.get(key), (int, float)):
+            info[f"{arch}.{name}"] = config[key]
+    if manifest.quant_bits:
+        info["general.quantization_bits"] = manifest.quant_bits
+        info["general.quantization_group_size"] = manifest.quant_group_size
+    return info
+
+
+def modelfile(ref: ModelRef, template: str, params: str, license: str | None) -> str:
+    parts = [f"# Modelfile generated by corral\n# To build a new model from this one, use:\n"
+             f"#   corral create NEW_NAME --from {ref.path}\n", f"FROM {ref.path}\n"]
+    if template:
+        parts.append(f'TEMPLATE """{template}"""\n')
+    for line in params.splitlines():
+        name, _, value = line.partition(" ")
+        parts.append(f"PARAMETER {name} {value.strip()}\n")
+    if license:
+        parts.append(f'LICENSE """{license}"""\n')
+    return "".join(parts)
+
+
+def show_payload(ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
+    template = chat_template(ref.path)
+    params = parameters_text(ref.path)
+    lic = license_text(ref.path)
+    config = _read_json_file(ref.path / "config.json")
+    capabilities = ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    out: dict[str, Any] = {
+        "modelfile": modelfile(ref, template, params, lic),
+        "parameters": params,
+        "template": template,
+        "details": details(manifest),
+        "model_info": model_info(manifest, config),
+        "capabilities": capabilities,
+        "modified_at": rfc3339(ref.modified_at),
+    }
+    if lic is not None:
+        out["license"] = lic
+    return out
+
+
+async def show(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    body = await read_json(request)
+    ref = ctx.store.resolve(_model_field(body, "model", "name"))
+    try:
+        manifest = ctx.store.manifest(ref)
+    except ValueError as e:
+        raise BadRequest(f"model '{ref.name}' cannot be read: {e}") from None
+    return JSONResponse(await anyio.to_thread.run_sync(show_payload, ref, manifest))
+
+
+# ---- management ----------------------------------------------------------
+
+
+async def delete(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    body = await read_json(request)
+    ref = ctx.store.resolve(_model_field(body, "model", "name"))
+    # A loaded model is stopped first, so its runner does not keep files in use.
+    await ctx.scheduler.unload(ref.name)
+    await anyio.to_thread.run_sync(ctx.store.delete, ref.name)
+    return Response(status_code=200)
+
+
+async def copy(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    body = await read_json(request)
+    src = _model_field(body, "source")
+    dst = _model_field(body, "destination")
+    await anyio.to_thread.run_sync(ctx.store.copy, src, dst)
+    return Response(status_code=200)
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": supervisor.__version__})
+
+
+async def root(request: Request) -> Response:
+    return PlainTextResponse("corral is running")
+
+
+async def get_settings(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return JSONResponse(settings_to_json(ctx.settings))
+
+
+async def patch_settings(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    changed = apply_patch(ctx.settings, await read_json(request))
+    return JSONResponse({**settings_to_json(ctx.settings), "changed": changed})
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    return [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET", "HEAD"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/delete", delete, methods=["DELETE"]),
+        Route("/api/copy", copy, methods=["POST"]),
+        Route("/api/version", version, methods=["GET", "HEAD"]),
+        Route("/api/settings", get_settings, methods=["GET"]),
+        Route("/api/settings", patch_settings, methods=["PATCH"]),
+    ]

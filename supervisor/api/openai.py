@@ -1,0 +1,579 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+
+Field names, SSE chunk shapes and the error object follow OpenAI's API so the
+official `openai` client works unchanged. Decisions of ours:
+
+- Models listed are every model present locally (ctx.store.list()), loaded or
+  not; a request for one loads it on demand through the scheduler.
+- CORRAL_DEFAULT_MODEL does NOT apply here: OpenAI clients name models they
+  saw in /v1/models, so an unknown name is a mistake and gets a 404. (The
+  Anthropic route maps unknown names, because its SDKs send `claude-*`.)
+- `n` other than 1 and `response_format` json_object/json_schema are refused
+  with a 400 rather than silently ignored.
+- `keep_alive` (Ollama's duration) is accepted as an extension field.
+- Tool calls come from the runner's done line (`tool_calls`) or from
+  `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
+  convention, parsed as on the Ollama routes) when `tools` were given.
+
+The helpers in the "shared" section are used by supervisor/api/anthropic.py too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from runner.protocol import OptionError, options_to_wire, parse_options
+from supervisor.api.context import AppContext
+from supervisor.app import read_json
+from supervisor.config import parse_keep_alive
+from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from supervisor.scheduler import Lease
+
+log = logging.getLogger("corral")
+
+SSE = "text/event-stream"
+OWNER = "corral"
+
+# ---- shared with anthropic.py ---------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event; `data` is JSON-encoded unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def model_field(body: dict[str, Any]) -> str:
+    value = body.get("model")
+    if value is None:
+        raise BadRequest("'model' is required", param="model")
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    return value
+
+
+def keep_alive_field(body: dict[str, Any]) -> float | None:
+    raw = body.get("keep_alive")
+    return None if raw is None else parse_keep_alive(raw)
+
+
+def bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{key}' must be a boolean", param=key)
+    return value
+
+
+def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    """Validate Ollama-named options; `params` maps an option back to the request field
+    it came from, so a 400 names the field the client sent."""
+    try:
+        return options_to_wire(parse_options(raw))
+    except OptionError as e:
+        message = str(e)
+        for opt, param in params.items():
+            if f"'{opt}'" in message:
+                raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
+        raise BadRequest(message) from None
+
+
+def tool_call_out(call: dict[str, Any]) -> tuple[str, Any] | None:
+    """(name, arguments) from the runner's {"name","arguments"} or Ollama's {"function": {...}}."""
+    inner = call.get("function")
+    fn: dict[str, Any] = inner if isinstance(inner, dict) else call
+    name = fn.get("name")
+    if not isinstance(name, str):
+        return None
+    args = fn.get("arguments", fn.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return name, args
+
+
+def text_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split `<tool_call>` blocks out of generated text (the Ollama routes' parser)."""
+    ollama = importlib.import_module("supervisor.api.ollama")
+    f = ollama.ToolCallFilter()
+    visible, calls = f.feed(text)
+    return visible + f.flush(), list(calls)
+
+
+async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
+    try:
+        pull = importlib.import_module("supervisor.pull")
+    except ImportError:  # pulling is another part of the project
+        return False
+    return bool(await pull.pull_if_allowed(ctx, name))
+
+
+async def acquire(ctx: AppContext, name: str, keep_alive: float | None) -> Lease:
+    """Load on demand exactly as the Ollama routes do (pulling when the server allows it)."""
+    try:
+        return await ctx.scheduler.acquire(name, keep_alive=keep_alive)
+    except ModelNotFound:
+        if not await _pull_if_allowed(ctx, name):
+            raise
+        return await ctx.scheduler.acquire(name, keep_alive=keep_alive)
+
+
+async def abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:
+    """Close the runner stream (cancelling its sequence) and release, even when cancelled."""
+    with anyio.CancelScope(shield=True):
+        aclose = getattr(lines, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await lease.release()
+
+
+async def start_completion(
+    ctx: AppContext, model: str, keep_alive: float | None, body: dict[str, Any]
+) -> tuple[Lease, AsyncIterator[dict[str, Any]]]:
+    """Acquire the model and start the runner stream.
+
+    The first line is read before answering, so a failure before the stream
+    starts gets its own HTTP status instead of a 200 followed by an error event.
+    """
+    lease = await acquire(ctx, model, keep_alive)
+    lines = lease.completion(body)
+    try:
+        first = await anext(lines)
+        if "error" in first:
+            raise RunnerFailed(str(first["error"]))
+    except StopAsyncIteration:
+        await abandon(lease, lines)
+        raise RunnerFailed("the model's runner answered with an empty stream") from None
+    except BaseException:
+        await abandon(lease, lines)
+        raise
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        yield first
+        async for line in lines:
+            yield line
+
+    return lease, _Chained(events(), lines)
+
+
+class _Chained:
+    """The stream with its first line put back; closing it closes the runner stream."""
+
+    def __init__(self, it: AsyncIterator[dict[str, Any]], inner: AsyncIterator[dict[str, Any]]) -> None:
+        self._it = it
+        self._inner = inner
+
+    def __aiter__(self) -> _Chained:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await anext(self._it)
+
+    async def aclose(self) -> None:
+        for it in (self._it, self._inner):
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+# ---- errors ----------------------------------------------------------------
+
+
+def error_body(exc: CorralError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.openai_type,
+            "param": getattr(exc, "param", None),
+            "code": _code(exc),
+        }
+    }
+
+
+def _code(exc: CorralError) -> str | None:
+    if isinstance(exc, ModelNotFound):
+        return "model_not_found"
+    if exc.status == 401:
+        return "invalid_api_key"
+    return None
+
+
+def render_error(exc: CorralError) -> Response:
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+
+
+def _stream_error(exc: Exception) -> bytes:
+    if not isinstance(exc, CorralError):
+        log.exception("OpenAI stream failed")
+        exc = CorralError(f"internal error: {type(exc).__name__}: {exc}")
+    return sse(error_body(exc))
+
+
+# ---- request parsing -------------------------------------------------------
+
+_PARAMS = {
+    "num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+    "stop": "stop", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields as runner options. OpenAI's defaults (temperature 1,
+    top_p 1, no top_k or repeat penalty) replace Ollama's where the client says nothing."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise BadRequest("only n=1 is supported: this server returns one choice per request", param="n")
+    raw: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repeat_penalty": 1.0}
+    params = dict(_PARAMS)
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            raw["num_predict"] = body[key]
+            params["num_predict"] = key
+            if isinstance(body[key], int) and not isinstance(body[key], bool) and body[key] < 1:
+                raise BadRequest(f"'{key}' must be at least 1", param=key)
+            break
+    for opt, field in _PARAMS.items():
+        if opt != "num_predict" and body.get(field) is not None:
+            raw[opt] = body[field]
+    if body.get("top_k") is not None:  # a common extension (vLLM, llama.cpp)
+        raw["top_k"] = body["top_k"]
+        params["top_k"] = "top_k"
+    return wire_options(raw, params)
+
+
+def _response_format(body: dict[str, Any]) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise BadRequest(f"response_format '{kind}' is not supported by this server (output is not "
+                         "constrained); use {\"type\": \"text\"}", param="response_format")
+    raise BadRequest("'response_format' must be an object with type 'text'", param="response_format")
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or an array of text parts (joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or an array of content parts", param="messages")
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise BadRequest(f"{where}.content[{j}] must be an object", param="messages")
+        kind = part.get("type")
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "input_image", "input_audio", "file"):
+            raise BadRequest(f"{where}.content[{j}]: '{kind}' parts are not supported; corral serves "
+                             "text-only models", param="messages")
+        else:
+            raise BadRequest(f"{where}.content[{j}] must be a text part", param="messages")
+    return "".join(texts)
+
+
+def _assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where}.tool_calls must be an array", param="messages")
+    out: list[dict[str, Any]] = []
+    for call in calls:
+        parsed = tool_call_out(call) if isinstance(call, dict) else None
+        if parsed is None:
+            raise BadRequest(f"{where}.tool_calls entries need function.name", param="messages")
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": parsed[0], "arguments": parsed[1]}})
+    return out
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", param="messages")
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object", param="messages")
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"{where}.role must be one of system, developer, user, assistant, tool",
+                             param="messages")
+        msg: dict[str, Any] = {"role": role, "content": _content_text(m.get("content"), where)}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _assistant_calls(m["tool_calls"], where)
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None or tools == [] or body.get("tool_choice") == "none":
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str) for t in tools
+    ):
+        raise BadRequest("'tools' must be an array of {type: 'function', function: {name, ...}}",
+                         param="tools")
+    return tools
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string (or an array of exactly one string)", param="prompt")
+    if body.get("suffix"):
+        raise BadRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
+    if body.get("echo"):
+        raise BadRequest("'echo' is not supported", param="echo")
+    if body.get("logprobs") not in (None, False, 0):
+        raise BadRequest("'logprobs' is not supported", param="logprobs")
+    return prompt
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    return bool_field(opts, "include_usage")
+
+
+def _usage(done: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = int(done.get("prompt_eval_count", 0)), int(done.get("eval_count", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(done: dict[str, Any], calls: list[dict[str, Any]]) -> str:
+    if calls:
+        return "tool_calls"
+    return "length" if done.get("done_reason") == "length" else "stop"
+
+
+def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for call in calls:
+        parsed = tool_call_out(call)
+        if parsed is None:
+            continue
+        name, args = parsed
+        out.append({"id": new_id("call_"), "type": "function", "function": {
+            "name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
+
+
+# ---- one request -------------------------------------------------------------
+
+
+class Completion:
+    """One /v1/chat/completions (chat=True) or /v1/completions request."""
+
+    def __init__(self, ctx: AppContext, body: dict[str, Any], *, chat: bool) -> None:
+        self.ctx = ctx
+        self.chat = chat
+        self.model = model_field(body)
+        self.stream = bool_field(body, "stream")
+        self.include_usage = _include_usage(body) if self.stream else False
+        self.keep_alive = keep_alive_field(body)
+        _response_format(body)
+        self.tools = _tools(body) if chat else None
+        self.runner_body: dict[str, Any] = {"options": _sampling(body)}
+        if chat:
+            self.runner_body["messages"] = _messages(body)
+            if self.tools:
+                self.runner_body["tools"] = self.tools
+        else:
+            self.runner_body["prompt"] = _prompt(body)
+        self.id = new_id("chatcmpl-" if chat else "cmpl-")
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": OWNER}
+
+    async def respond(self) -> Response:
+        lease, lines = await start_completion(self.ctx, self.model, self.keep_alive, self.runner_body)
+        if self.stream:
+            return StreamingResponse(self._stream(lease, lines), media_type=SSE,
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await self._collect(lines))
+        finally:
+            await abandon(lease, lines)
+
+    # -- non-streaming
+
+    def _split_calls(self, text: str, done: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        calls = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
+        if self.tools and not calls:
+            text, calls = text_tool_calls(text)
+        return text, calls
+
+    async def _collect(self, lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+        parts: list[str] = []
+        async for event in lines:
+            if "error" in event:
+                raise RunnerFailed(str(event["error"]))
+            parts.append(str(event.get("content", "")))
+            if event.get("done"):
+                return self._result("".join(parts), event)
+        raise RunnerFailed("the model's stream ended without a final line")
+
+    def _result(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
+        out = self._envelope(self.object)
+        if self.chat:
+            text, calls = self._split_calls(text, done)
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            tool_calls = _openai_calls(calls)
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                message["content"] = text or None
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                      "finish_reason": _finish_reason(done, tool_calls)}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None,
+                      "finish_reason": _finish_reason(done, [])}
+        out["choices"] = [choice]
+        out["usage"] = _usage(done)
+        return out
+
+    # -- streaming
+
+    def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None) -> bytes:
+        out = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        if self.chat:
+            out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        else:
+            out["choices"] = [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]
+        return sse(out)
+
+    def _text_chunk(self, text: str) -> bytes:
+        return self._chunk({"content": text} if self.chat else text)
+
+    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        held = ""  # with tools, text is held back until we know whether it is a tool call
+        try:
+            if self.chat:
+                yield self._chunk({"role": "assistant", "content": "", "refusal": None})
+            async for event in lines:
+                if "error" in event:
+                    yield _stream_error(RunnerFailed(str(event["error"])))
+                    return
+                text = str(event.get("content", ""))
+                if self.tools:
+                    held += text
+                elif text:
+                    yield self._text_chunk(text)
+                if event.get("done"):
+                    for chunk in self._finish(held, event):
+                        yield chunk
+                    yield b"data: [DONE]\n\n"
+                    return
+            yield _stream_error(RunnerFailed("the model's stream ended without a final line"))
+        except Exception as e:  # after the 200 went out, an error event is all that is left
+            yield _stream_error(e)
+        finally:
+            await abandon(lease, lines)
+
+    def _finish(self, held: str, done: dict[str, Any]) -> list[bytes]:
+        chunks: list[bytes] = []
+        calls: list[dict[str, Any]] = []
+        if self.chat:
+            text, raw_calls = self._split_calls(held, done)
+            calls = _openai_calls(raw_calls)
+            if text:
+                chunks.append(self._text_chunk(text))
+            if calls:
+                chunks.append(self._chunk({"tool_calls": [
+                    {"index": i, **c} for i, c in enumerate(calls)]}))
+            chunks.append(self._chunk({}, _finish_reason(done, calls)))
+        else:
+            chunks.append(self._chunk("", _finish_reason(done, [])))
+        if self.include_usage:
+            usage = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+            usage["choices"] = []
+            usage["usage"] = _usage(done)
+            chunks.append(sse(usage))
+        return chunks
+
+
+# ---- handlers ----------------------------------------------------------------
+
+
+def _ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+async def _guard(request: Request, chat: bool) -> Response:
+    try:
+        body = await read_json(request)
+        return await Completion(_ctx(request), body, chat=chat).respond()
+    except CorralError as e:
+        return render_error(e)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _guard(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _guard(request, chat=False)
+
+
+def _model_card(name: str, created: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": OWNER}
+
+
+async def list_models(request: Request) -> Response:
+    refs = _ctx(request).store.list()
+    return JSONResponse({"object": "list", "data": [_model_card(r.name, r.modified_at) for r in refs]})
+
+
+async def get_model(request: Request) -> Response:
+    try:
+        ref = _ctx(request).store.resolve(request.path_params["model"])
+    except CorralError as e:
+        return render_error(e)
+    return JSONResponse(_model_card(ref.name, ref.modified_at))
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]

@@ -1,0 +1,235 @@
+"""The Starlette application: routes of every API family, errors, body limits, lifespan.
+
+Errors are rendered per API family so each official client sees the shape it
+expects: paths under /v1/messages are Anthropic's, other /v1/ paths OpenAI's,
+everything else (/api/*, /) Ollama's `{"error": msg}`. The status always comes
+from supervisor.errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from supervisor.api.context import AppContext
+from supervisor.errors import BadRequest, CorralError, PayloadTooLarge
+
+log = logging.getLogger("corral")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Largest request body accepted; bigger ones get 413 before being read in full."""
+
+Family = str  # "ollama" | "openai" | "anthropic"
+ErrorRenderer = Callable[[CorralError], Response]
+
+
+def family_for_path(path: str) -> Family:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "ollama"
+
+
+def _ollama_error(exc: CorralError) -> Response:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
+
+
+def _openai_error(exc: CorralError) -> Response:
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": exc.openai_type,
+            "param": getattr(exc, "param", None),
+            "code": None,
+        }
+    }
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+def _anthropic_error(exc: CorralError) -> Response:
+    body = {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+# Defaults; an API module that exports `render_error(exc) -> Response` replaces its family's.
+_RENDERERS: dict[Family, ErrorRenderer] = {
+    "ollama": _ollama_error,
+    "openai": _openai_error,
+    "anthropic": _anthropic_error,
+}
+
+
+def register_error_renderer(family: Family, renderer: ErrorRenderer) -> None:
+    _RENDERERS[family] = renderer
+
+
+def error_response(exc: CorralError, family: Family) -> Response:
+    """The error as `family`'s clients expect it, with the status from supervisor.errors."""
+    return _RENDERERS.get(family, _ollama_error)(exc)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; BadRequest for anything else.
+
+    The body size is bounded by BodyLimitMiddleware (PayloadTooLarge while reading).
+    """
+    raw = await request.body()
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON body: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length up front, else while streaming in."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = PayloadTooLarge(f"request body exceeds {self.limit} bytes")
+        try:
+            if declared is not None and int(declared) > self.limit:
+                response = error_response(too_large, family_for_path(scope.get("path", "")))
+                await response(scope, receive, send)
+                return
+        except ValueError:
+            pass
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class CatchAllMiddleware:
+    """Unknown exceptions become a 500 in the family's shape; the server keeps serving."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            log.exception("error handling %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # too late for a status; the client sees the stream end
+            if not isinstance(e, CorralError):
+                e = CorralError(f"internal error: {type(e).__name__}: {e}")
+            await error_response(e, family_for_path(scope.get("path", "")))(scope, receive, send)
+
+
+async def _corral_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CorralError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc, family_for_path(request.url.path))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = CorralError(exc.detail or "error")
+    error.status = exc.status_code
+    return error_response(error, family_for_path(request.url.path))
+
+
+def _optional_module(name: str) -> Any:
+    """An API module by another part of the project; absent ones are skipped."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        log.debug("module %s not present; its routes are not served", name)
+        return None
+
+
+def collect_routes(ctx: AppContext) -> list[BaseRoute]:
+    from supervisor.api import ollama
+
+    routes: list[BaseRoute] = []
+    for family, modname in (("openai", "supervisor.api.openai"),
+                            ("anthropic", "supervisor.api.anthropic")):
+        module = _optional_module(modname)
+        if module is None:
+            continue
+        if hasattr(module, "render_error"):
+            register_error_renderer(family, module.render_error)
+        routes.extend(module.routes(ctx))
+    manage = _optional_module("supervisor.api.manage")
+    if manage is not None:
+        routes.extend(manage.routes(ctx))
+    # Ollama's last: it owns "/" and its routes never shadow the others'.
+    routes.extend(ollama.routes(ctx))
+    return routes
+
+
+def collect_middleware(ctx: AppContext) -> list[Middleware]:
+    stack = [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware)]
+    access = _optional_module("supervisor.api.access")
+    if access is not None:
+        stack.extend(access.middleware(ctx.settings))
+    return stack
+
+
+def create_app(ctx: AppContext) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await ctx.scheduler.start()
+        try:
+            yield
+        finally:
+            await ctx.scheduler.shutdown()
+
+    app = Starlette(
+        routes=collect_routes(ctx),
+        middleware=collect_middleware(ctx),
+        exception_handlers={CorralError: _corral_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    return app

@@ -1,0 +1,158 @@
+"""A small synchronous client for corral's HTTP API (what the `corral` CLI talks to).
+
+Two failures matter to a caller and get their own exceptions: the server
+cannot be reached (CannotConnect) and the server answered an error
+(ServerError, with its status and message, from an HTTP error or an
+in-stream {"error": ...} line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+DEFAULT_HOST = "127.0.0.1:11434"
+
+
+class ClientError(Exception):
+    """Base for the errors a command reports on one line."""
+
+
+class CannotConnect(ClientError):
+    def __init__(self, url: str) -> None:
+        super().__init__(f"could not connect to corral at {url} — is it running? "
+                         f"start it with `corral serve`")
+        self.url = url
+
+
+class ServerError(ClientError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def base_url(host: str | None = None) -> str:
+    """http://HOST:PORT for CORRAL_HOST's forms ("127.0.0.1:11434", ":8080", "0.0.0.0", a URL)."""
+    text = (host if host is not None else os.environ.get("CORRAL_HOST", "")).strip() or DEFAULT_HOST
+    scheme = "http"
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+    text = text.rstrip("/")
+    if text.startswith("["):  # [v6]:port
+        end = text.index("]")
+        name, rest = text[1:end], text[end + 1:]
+        port = rest[1:] if rest.startswith(":") else "11434"
+        name = "::1" if name in ("::", "") else name
+        return f"{scheme}://[{name}]:{port}"
+    name, _, port = text.partition(":")
+    # A server bound to every interface is reached on loopback.
+    if name in ("", "0.0.0.0"):
+        name = "127.0.0.1"
+    return f"{scheme}://{name}:{port or '11434'}"
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or f"HTTP {response.status_code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):  # OpenAI/Anthropic shapes
+        error = error.get("message")
+    return str(error) if error else f"HTTP {response.status_code}"
+
+
+class CorralClient:
+    def __init__(self, host: str | None = None, api_key: str | None = None,
+                 timeout: float | None = 600.0) -> None:
+        self.url = base_url(host)
+        key = api_key if api_key is not None else os.environ.get("CORRAL_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CorralClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON request; the decoded answer (None for an empty body)."""
+        try:
+            response = self._http.request(method, path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise CannotConnect(self.url) from None
+        except httpx.HTTPError as e:
+            raise ServerError(0, f"request to {self.url}{path} failed: {e}") from None
+        if response.status_code >= 400:
+            raise ServerError(response.status_code, _error_message(response))
+        if not response.content.strip():
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            # NDJSON answers (e.g. /api/create) give their last line.
+            lines = [ln for ln in response.text.splitlines() if ln.strip()]
+            return json.loads(lines[-1]) if lines else None
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST and yield each NDJSON line; an {"error"} line raises ServerError.
+
+        Closing the generator (e.g. on Ctrl-C) closes the connection, which
+        the server takes as the client going away and stops generating.
+        """
+        try:
+            with self._http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ServerError(response.status_code, _error_message(response))
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if isinstance(event, dict) and event.get("error"):
+                        raise ServerError(response.status_code, str(event["error"]))
+                    yield event
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise CannotConnect(self.url) from None
+        except httpx.HTTPError as e:
+            raise ServerError(0, f"connection to {self.url} broke: {e}") from None
+
+    # ---- the API, by name ----
+
+    def version(self) -> str:
+        return str(self.request("GET", "/api/version")["version"])
+
+    def tags(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/tags")["models"])
+
+    def ps(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/ps")["models"])
+
+    def show(self, model: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/api/show", {"model": model}))
+
+    def delete(self, model: str) -> None:
+        self.request("DELETE", "/api/delete", {"model": model})
+
+    def copy(self, source: str, destination: str) -> None:
+        self.request("POST", "/api/copy", {"source": source, "destination": destination})
+
+    def create(self, model: str, directory: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/api/create", {"model": model, "from": directory,
+                                                         "stream": False}) or {})
+
+    def unload(self, model: str) -> None:
+        self.request("POST", "/api/generate", {"model": model, "keep_alive": 0})
+
+    def pull(self, model: str) -> Iterator[dict[str, Any]]:
+        return self.stream("/api/pull", {"model": model, "stream": True})

@@ -1,0 +1,147 @@
+"""What a loaded model costs in memory, before and after it loads.
+
+need(model) = weights + kv + overhead                        (all in bytes)
+
+    weights  = manifest.weight_bytes (sum of the safetensors tensor sizes)
+    kv       = kv_bytes_per_token x num_ctx x num_parallel
+    overhead = runtime + kv_slack + prefill + decode
+
+    runtime  = RUNTIME_BYTES: the runner process with nothing in flight and no
+               weights: python + mlx + mlx_lm + tokenizer + HTTP server, plus
+               what the first generation leaves behind (compiled kernels, the
+               allocator's pools). Measured: 77 MiB RSS after importing
+               mlx_lm and loading the tiny model, +7 MiB for starlette,
+               uvicorn and httpx, +12 MiB after the first batched generation;
+               110 MiB leaves room for the runner's threads and buffers.
+    kv_slack = kv_bytes_per_token x num_parallel x KV_STEP: mlx_lm grows
+               each cache in steps of 256 tokens, so a sequence can hold up
+               to one step more than num_ctx.
+             + kv: while a cache grows, and when a prompt's cache joins the
+               decode batch, old and new buffers coexist for a moment.
+    prefill  = tokens x ACT_PER_TOKEN x act_bytes, tokens = num_parallel x
+               min(num_ctx, PREFILL_STEP) (a full batch prefilled at once, one
+               2048-token chunk per sequence); ACT_PER_TOKEN = 8 x hidden +
+               3 x intermediate covers the residual stream, q/k/v/o and the
+               gate/up/product of the MLP alive at once.
+             + scores: num_parallel x heads x min(num_ctx, PREFILL_STEP) x
+               num_ctx x 4 bytes x 1.5 (the scores, and their softmax partly
+               in place). On the Linux CPU backend attention is not fused, so
+               these are real buffers, and for long contexts they dominate
+               (on Metal/CUDA fused attention makes this an overestimate).
+    decode   = num_parallel x vocab x 4 bytes x 4 (float32 logits, log-softmax
+               and the sampler's copies, one step at a time).
+
+"peak" is the runner process's peak RSS: on the CPU backend every MLX
+buffer lives in RSS, and it is what the OS must have free. Measured on this
+repo's generated llama test models (Linux, mlx 0.32.4 CPU, mlx-lm 0.32.2,
+scripts/calibrate_memory.py: load with mlx_lm, then BatchGenerator decoding
+num_parallel sequences whose prompt + output fill num_ctx exactly):
+
+    model (weights)               ctx  par  baseline  peak RSS  estimate  est/peak
+    tiny  h64  L2 f32  (0.6 MB)   256   4    77.3 MiB   89.8 MiB  123.1 MiB  1.37
+    q4    h128 L2 4bit (0.35 MB)  256   4    77.2 MiB   96.8 MiB  129.4 MiB  1.34
+    big   h256 L4 f32  (11.5 MB)  256   4    87.8 MiB  123.0 MiB  165.0 MiB  1.34
+    big                           256   1    87.7 MiB   99.4 MiB  132.0 MiB  1.33
+    big                          1024   1    87.8 MiB  136.2 MiB  177.0 MiB  1.30
+    big                          1024   4    87.8 MiB  257.0 MiB  345.0 MiB  1.34
+    big                          2048   1    87.7 MiB  213.5 MiB  279.0 MiB  1.31
+    big                          2048   4    87.8 MiB  534.1 MiB  753.0 MiB  1.41
+
+("baseline" = RSS right after loading, which includes the weights.) The
+estimates are checked against the real runner's reported peak_rss in
+tests/test_memory.py: peak <= estimate <= 1.5 x peak for each test model.
+
+A loaded model's footprint is max(estimate, what its runner reports), so a
+runner that outgrows its estimate is charged what it really uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
+
+from supervisor.manifest import Manifest
+
+MiB = 1024 * 1024
+RUNTIME_BYTES = 110 * MiB
+KV_STEP = 256  # mlx_lm.models.cache.KVCache.step
+PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class NeedEstimate:
+    weights: int
+    kv: int
+    overhead: int
+    total: int
+
+
+def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int) -> NeedEstimate:
+    """Upper bound on the runner's peak memory for this model and shape (formula above)."""
+    num_ctx = max(1, int(num_ctx))
+    num_parallel = max(1, int(num_parallel))
+    weights = manifest.weight_bytes
+    kv = manifest.kv_bytes_per_token * num_ctx * num_parallel
+    overhead = RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel) + _prefill(manifest, num_ctx, num_parallel)
+    overhead += num_parallel * max(manifest.vocab_size, 1) * 4 * 4
+    return NeedEstimate(weights=weights, kv=kv, overhead=overhead, total=weights + kv + overhead)
+
+
+def _kv_slack(manifest: Manifest, kv: int, num_parallel: int) -> int:
+    return manifest.kv_bytes_per_token * num_parallel * KV_STEP + kv
+
+
+def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int) -> int:
+    chunk = min(num_ctx, PREFILL_STEP)
+    hidden = manifest.hidden_size or manifest.num_heads * manifest.head_dim
+    intermediate = manifest.intermediate_size or 4 * hidden
+    act_bytes = _DTYPE_BYTES.get(manifest.dtype, 4)
+    acts = num_parallel * chunk * (8 * hidden + 3 * intermediate) * act_bytes
+    heads = manifest.num_heads or manifest.kv_heads
+    scores = num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
+    return acts + scores
+
+
+class MemoryProbe(Protocol):
+    def total(self) -> int: ...
+
+    def available(self) -> int: ...
+
+
+class SystemMemoryProbe:
+    """The machine's memory as the OS reports it (psutil.virtual_memory)."""
+
+    def total(self) -> int:
+        return int(psutil.virtual_memory().total)
+
+    def available(self) -> int:
+        return int(psutil.virtual_memory().available)
+
+
+def reported_bytes(status: Mapping[str, Any]) -> int:
+    """What a runner's GET /status says it holds.
+
+    On the CPU backend MLX buffers are ordinary heap memory, already in RSS.
+    On a GPU backend (Metal, CUDA) they are not (or not fully) counted in
+    RSS, so the allocator's active and cached bytes are added.
+    """
+    mem = status.get("memory")
+    if not isinstance(mem, Mapping):
+        return 0
+
+    def num(key: str) -> int:
+        v = mem.get(key)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
+
+    if status.get("device", "cpu") == "cpu":
+        return num("rss")
+    return num("rss") + num("active") + num("cache")
+
+
+def footprint(estimate_total: int, status: Mapping[str, Any]) -> int:
+    """A loaded model's charge: max(estimate, what its runner reports)."""
+    return max(int(estimate_total), reported_bytes(status))

@@ -1,0 +1,109 @@
+"""Async HTTP client for one runner (the supervisor side of the runner protocol)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+
+from runner.protocol import (
+    ROUTE_COMPLETION,
+    ROUTE_DETOKENIZE,
+    ROUTE_HEALTH,
+    ROUTE_STATUS,
+    ROUTE_TOKENIZE,
+)
+from supervisor.errors import BadRequest, RunnerFailed
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text.strip() or f"runner answered HTTP {resp.status_code}"
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return data["error"]
+    return f"runner answered HTTP {resp.status_code}"
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    msg = _error_message(resp)
+    if resp.status_code < 500:
+        raise BadRequest(msg)
+    raise RunnerFailed(msg)
+
+
+class RunnerClient:
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url
+        # Streams may idle for long between tokens (a long prefill): no read timeout there.
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        self._timeout = timeout
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, route: str, body: dict[str, Any]) -> Any:
+        try:
+            resp = await self._http.post(route, json=body)
+        except httpx.HTTPError as e:
+            raise RunnerFailed(f"runner unreachable: {e}") from e
+        _raise_for(resp)
+        return resp.json()
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        try:
+            resp = await self._http.get(ROUTE_HEALTH, timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        try:
+            resp = await self._http.get(ROUTE_STATUS, timeout=timeout)
+        except httpx.HTTPError as e:
+            raise RunnerFailed(f"runner unreachable: {e}") from e
+        _raise_for(resp)
+        data = resp.json()
+        return data if isinstance(data, dict) else {}
+
+    async def tokenize(self, text: str) -> list[int]:
+        data = await self._post(ROUTE_TOKENIZE, {"content": text})
+        return [int(t) for t in data["tokens"]]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        data = await self._post(ROUTE_DETOKENIZE, {"tokens": tokens})
+        return str(data["content"])
+
+    async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield the runner's NDJSON lines; closing this generator closes the response,
+        which makes the runner cancel the sequence."""
+        timeout = httpx.Timeout(self._timeout, read=None)
+        try:
+            async with self._http.stream("POST", ROUTE_COMPLETION, json=body, timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _raise_for(resp)
+                done = False
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise RunnerFailed(f"runner sent an invalid stream line: {line[:200]!r}") from e
+                    if isinstance(obj, dict) and "error" in obj:
+                        raise RunnerFailed(str(obj["error"]))
+                    yield obj
+                    if isinstance(obj, dict) and obj.get("done"):
+                        done = True
+                        break
+                if not done:
+                    raise RunnerFailed("runner stream ended before it was done")
+        except httpx.HTTPError as e:
+            raise RunnerFailed(f"connection to runner broken: {e}") from e

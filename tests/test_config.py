@@ -1,0 +1,180 @@
+"""Configuration precedence: CLI flag > environment > $CORRAL_HOME/config.toml > default.
+
+Every setting is checked through the real `corral serve` argument parser, a
+real environment mapping and a real config file; /api/settings changes the
+running Settings; a port already in use gives one clear line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from supervisor.app import create_app
+from supervisor.config import Settings, load_settings
+from supervisor.errors import BadRequest
+from supervisor.server import add_serve_arguments, flags_from_args
+from tests.support.fake_scheduler import FakeScheduler, FakeStore, fake_context
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1000**3
+TOTAL = 64 * GB  # the "physical memory" percentages are taken of
+
+# name, flag argv, env value, config.toml line, then the expected values from
+# flag, env, file, and the default (Settings attribute `attr`).
+CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
+    ("keep_alive", "keep_alive", ["--keep-alive", "10m"], "30s", 'keep_alive = "1h"', 600.0, 30.0, 3600.0, 300.0),
+    ("max_loaded_models", "max_loaded_models", ["--max-loaded-models", "3"], "2", "max_loaded_models = 1", 3, 2, 1, 0),
+    ("single_model", "single_model", ["--single-model"], "true", "single_model = true", True, True, True, False),
+    ("pinned", "pinned", ["--pinned", "a/x,b/y"], "c/z", 'pinned = ["d/w", "e/v"]', ["a/x", "b/y"], ["c/z"], ["d/w", "e/v"], []),
+    ("num_parallel", "num_parallel", ["--num-parallel", "8"], "2", "num_parallel = 6", 8, 2, 6, 4),
+    ("max_queue", "max_queue", ["--max-queue", "10"], "20", "max_queue = 30", 10, 20, 30, 512),
+    ("context_length", "context_length", ["--context-length", "1024"], "2048", "context_length = 512", 1024, 2048, 512, 4096),
+    ("memory_limit", "memory_limit", ["--memory-limit", "24GB"], "50%", 'memory_limit = "8GiB"', 24 * GB, 32 * GB, 8 * 1024**3, None),
+    ("load_timeout", "load_timeout", ["--load-timeout", "2m"], "30", "load_timeout = 45", 120.0, 30.0, 45.0, 300.0),
+    ("api_key", "api_key", ["--api-key", "flag-key"], "env-key", 'api_key = "file-key"', "flag-key", "env-key", "file-key", None),
+    ("origins", "origins", ["--origins", "http://a.test"], "http://b.test,http://c.test", 'origins = ["http://d.test"]', ["http://a.test"], ["http://b.test", "http://c.test"], ["http://d.test"], []),
+    ("allow_pull", "allow_pull", ["--allow-pull"], "mlx-community/*", 'allow_pull = "org/*"', "*", "mlx-community/*", "org/*", None),
+    ("default_model", "default_model", ["--default-model", "f/m"], "e/m", 'default_model = "c/m"', "f/m", "e/m", "c/m", None),
+    ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
+]
+
+
+def parse_flags(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return flags_from_args(parser.parse_args(argv))
+
+
+def settings(home: Path, argv: list[str], env: dict[str, str], file_line: str | None) -> Settings:
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.toml"
+    if file_line is None:
+        config.unlink(missing_ok=True)
+    else:
+        config.write_text(file_line + "\n")
+    return load_settings(parse_flags(["--home", str(home), *argv]), env=env, total_memory=TOTAL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_precedence_for_every_setting(tmp_path: Path, case: tuple[Any, ...]) -> None:
+    name, attr, argv, env_value, file_line, from_flag, from_env, from_file, default = case
+    env = {f"CORRAL_{name.upper()}": env_value}
+    # all four sources present: the flag wins
+    assert getattr(settings(tmp_path, argv, env, file_line), attr) == from_flag
+    # no flag: the environment wins over the file
+    assert getattr(settings(tmp_path, [], env, file_line), attr) == from_env
+    # only the file
+    assert getattr(settings(tmp_path, [], {}, file_line), attr) == from_file
+    # nothing: the default
+    assert getattr(settings(tmp_path, [], {}, None), attr) == default
+
+
+def test_home_flag_beats_env_and_picks_the_config_file(tmp_path: Path) -> None:
+    flag_home, env_home = tmp_path / "flag", tmp_path / "env"
+    for home, value in ((flag_home, 7), (env_home, 9)):
+        home.mkdir()
+        (home / "config.toml").write_text(f"max_loaded_models = {value}\n")
+    env = {"CORRAL_HOME": str(env_home)}
+    s = load_settings(parse_flags(["--home", str(flag_home)]), env=env, total_memory=TOTAL)
+    assert s.home == flag_home and s.max_loaded_models == 7
+    s = load_settings(parse_flags([]), env=env, total_memory=TOTAL)
+    assert s.home == env_home and s.max_loaded_models == 9
+
+
+def test_single_model_flag_can_turn_off_what_env_turned_on(tmp_path: Path) -> None:
+    s = settings(tmp_path, ["--single-model=false"], {"CORRAL_SINGLE_MODEL": "1"}, None)
+    assert s.single_model is False
+
+
+def test_host_forms(tmp_path: Path) -> None:
+    for raw, expected in (("0.0.0.0", ("0.0.0.0", 11434)), (":8080", ("127.0.0.1", 8080)),
+                          ("http://localhost:1234/", ("localhost", 1234)),
+                          ("[::1]:11500", ("::1", 11500))):
+        s = settings(tmp_path, [], {"CORRAL_HOST": raw}, None)
+        assert (s.host, s.port) == expected, raw
+
+
+@pytest.mark.parametrize("env", [
+    {"CORRAL_KEEP_ALIVE": "soon"}, {"CORRAL_MAX_QUEUE": "many"}, {"CORRAL_NUM_PARALLEL": "0"},
+    {"CORRAL_MEMORY_LIMIT": "150%"}, {"CORRAL_SINGLE_MODEL": "perhaps"},
+])
+def test_bad_values_are_clear_errors(tmp_path: Path, env: dict[str, str]) -> None:
+    with pytest.raises(BadRequest):
+        settings(tmp_path, [], env, None)
+
+
+def test_broken_config_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match=r"config\.toml"):
+        settings(tmp_path, [], {}, "keep_alive = = 3")
+
+
+def _serve(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "serve", *args], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_rejects_bad_configuration(tmp_path: Path) -> None:
+    out = _serve([], {"CORRAL_HOME": str(tmp_path), "CORRAL_KEEP_ALIVE": "soon"})
+    assert out.returncode == 2
+    assert "invalid configuration" in out.stderr and "keep_alive" in out.stderr
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _serve(["--host", f"127.0.0.1:{port}"], {"CORRAL_HOME": str(tmp_path)})
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if "in use" in line]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "CORRAL_HOST" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+# ---- /api/settings: the running server's settings ------------------------
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+async def test_single_model_and_pinned_from_each_source_show_in_api_settings(
+        tmp_path: Path, source: str) -> None:
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    line = None
+    if source == "flag":
+        argv = ["--single-model", "--pinned", "corral-test/tiny"]
+    elif source == "env":
+        env = {"CORRAL_SINGLE_MODEL": "yes", "CORRAL_PINNED": "corral-test/tiny"}
+    else:
+        line = 'single_model = true\npinned = "corral-test/tiny"'
+    s = settings(tmp_path, argv, env, line)
+    store = FakeStore.with_models("corral-test/tiny")
+    app = create_app(fake_context(store, FakeScheduler(store), s))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c:
+        got = (await c.get("/api/settings")).json()
+        assert got["single_model"] is True and got["pinned"] == ["corral-test/tiny"]
+        # and PATCH turns them off again on the running server
+        r = await c.patch("/api/settings", json={"single_model": False, "pinned": []})
+        assert r.status_code == 200
+        got = (await c.get("/api/settings")).json()
+        assert got["single_model"] is False and got["pinned"] == []
+    assert s.single_model is False and s.pinned == []
+
+
+async def test_settings_hide_the_api_key(tmp_path: Path) -> None:
+    s = settings(tmp_path, ["--api-key", "sekret"], {}, None)
+    store = FakeStore.with_models()
+    app = create_app(fake_context(store, FakeScheduler(store), s))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c",
+                                 headers={"Authorization": "Bearer sekret"}) as c:
+        r = await c.get("/api/settings")
+        assert r.status_code == 200
+        assert "sekret" not in r.text and r.json()["api_key_set"] is True
