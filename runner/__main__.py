@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.lifecycle import die_with_parent, hard_exit_after
 from runner.precheck import ModelDirError, check_model_dir, default_num_ctx
 from runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
+
+if TYPE_CHECKING:  # heavy imports only after the model dir checks out
+    import uvicorn
+
+    from runner.server import RunnerApp
 
 log = logging.getLogger("runner")
 
@@ -52,8 +60,10 @@ def load(model_dir: Path) -> tuple[object, object]:
     try:
         model, tokenizer = mlx_load(str(model_dir))[:2]
     except Exception as e:  # any load failure becomes one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {model_dir}: {type(e).__name__}: {first}")
+        detail = " ".join(str(e).split()) or "no details"
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        fail(f"cannot load {model_dir}: {type(e).__name__}: {detail}")
     return model, tokenizer
 
 
@@ -86,16 +96,22 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(0)  # skip interpreter teardown of MLX state: nothing left to flush
 
 
-async def serve(app: object, host: str, port: int) -> None:
+async def serve(app: RunnerApp, host: str, port: int) -> None:
     import uvicorn
 
-    from runner.server import RunnerApp
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling: its graceful shutdown
+        waits for open streams forever, so SIGTERM is ours."""
 
-    assert isinstance(app, RunnerApp)
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=1)
-    server = _Server(config)
+    server = Server(config)
     loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
 
     def on_term() -> None:
         if app.draining:
@@ -103,41 +119,21 @@ async def serve(app: object, host: str, port: int) -> None:
         log.info("SIGTERM: cancelling %d stream(s) and shutting down", app.streams)
         hard_exit_after(SHUTDOWN_GRACE_S + 2.0, 0)
         app.cancel_all()
-        loop.create_task(_finish(server, app))
+        tasks.add(loop.create_task(_finish(server, app)))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_term)
     await server.serve()
 
 
-async def _finish(server: object, app: object) -> None:
-    # Let every cancelled stream write its done line, then stop serving.
+async def _finish(server: uvicorn.Server, app: RunnerApp) -> None:
+    # Let every cancelled stream write its done line, then stop serving
+    # without uvicorn's unbounded wait for connections.
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
-    while getattr(app, "streams", 0) > 0 and time.monotonic() < deadline:
+    while app.streams > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    server.should_exit = True  # type: ignore[attr-defined]
-    server.force_exit = True  # type: ignore[attr-defined]
-
-
-def _server_class() -> type:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn without its own signal handling (we own SIGTERM)."""
-
-        def install_signal_handlers(self) -> None:
-            pass
-
-        def capture_signals(self):  # type: ignore[no-untyped-def]
-            import contextlib
-
-            return contextlib.nullcontext()
-
-    return Server
-
-
-def _Server(config: object) -> object:  # noqa: N802 - reads as a class at the call site
-    return _server_class()(config)
+    server.should_exit = True
+    server.force_exit = True
 
 
 if __name__ == "__main__":

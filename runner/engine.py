@@ -144,11 +144,11 @@ class Engine:
         uids = gen.insert(
             [s.prompt for s in batch],
             max_tokens=[s.max_tokens for s in batch],
-            samplers=[make_sampler(s.options) for s in batch],
+            samplers=[make_sampler(s.options) for s in batch],  # type: ignore[misc]
             logits_processors=[make_processors(s.options, self.num_ctx) for s in batch],
         )
         now = time.perf_counter()
-        for uid, seq in zip(uids, batch):
+        for uid, seq in zip(uids, batch, strict=True):
             seq.uid, seq.admitted = uid, now
             seq.detok = self.tokenizer.detokenizer
             seq.stops = StopMatcher(seq.options.stop)

@@ -26,7 +26,6 @@ from starlette.routing import Route
 
 from runner.engine import Engine, Sequence
 from runner.protocol import (
-    DONE_CANCELLED,
     NDJSON,
     ROUTE_COMPLETION,
     ROUTE_DETOKENIZE,
@@ -266,5 +265,3 @@ class _Auth:
                 return
         await self.app(scope, receive, send)
 
-
-__all__ = ["RunnerApp", "DONE_CANCELLED"]

@@ -42,8 +42,11 @@ echo "smoke: making $MODEL in $HF_HUB_CACHE"
 "$PYTHON" "$ROOT/scripts/make_test_model.py" --hf-cache "$HF_HUB_CACHE" --repo "$MODEL" >/dev/null
 
 echo "smoke: starting corral serve on $CORRAL_HOST"
-corral serve >"$WORK/server.log" 2>&1 &
+# A plain command, not the function: $! must be the server's own pid, so the
+# SIGTERM below reaches the server and not a subshell that would orphan it.
+$CORRAL serve >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
+echo "smoke: server pid $SERVER_PID"
 for _ in $(seq 1 300); do
     if corral list >/dev/null 2>&1; then break; fi
     kill -0 "$SERVER_PID" 2>/dev/null || { echo "smoke: server exited at start" >&2; exit 1; }
@@ -65,6 +68,7 @@ grep -q "^$MODEL" "$WORK/ps.txt" || { echo "smoke: $MODEL not loaded after run" 
 
 corral stop "$MODEL"
 kill -TERM "$SERVER_PID"
-wait "$SERVER_PID" || { echo "smoke: server exited non-zero on SIGTERM" >&2; exit 1; }
+server_rc=0; wait "$SERVER_PID" || server_rc=$?
+[ "$server_rc" -eq 0 ] || { echo "smoke: server exited with status $server_rc on SIGTERM" >&2; exit 1; }
 SERVER_PID=""
 echo "smoke: OK"

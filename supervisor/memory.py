@@ -47,9 +47,23 @@ num_parallel sequences whose prompt + output fill num_ctx exactly):
     big                          2048   1    87.7 MiB  213.5 MiB  279.0 MiB  1.31
     big                          2048   4    87.8 MiB  534.1 MiB  753.0 MiB  1.41
 
-("baseline" = RSS right after loading, which includes the weights.) The
-estimates are checked against the real runner's reported peak_rss in
-tests/test_memory.py: peak <= estimate <= 1.5 x peak for each test model.
+("baseline" = RSS right after loading, which includes the weights.)
+
+The same through the real runner (python -m runner --num-ctx C
+--num-parallel P, P concurrent /completion requests each filling C tokens,
+then GET /status memory.peak_rss):
+
+    model   ctx  par  peak RSS   estimate   est/peak
+    tiny    256   4    91.2 MiB  123.1 MiB  1.35
+    q4      256   4   103.7 MiB  129.4 MiB  1.25
+    big     256   4   135.3 MiB  165.0 MiB  1.22
+    big    1024   4   284.8 MiB  345.0 MiB  1.21
+    big    2048   1   221.6 MiB  279.0 MiB  1.26
+    big    2048   4   497.8 MiB  753.0 MiB  1.51
+    tiny   4096   2   394.5 MiB  525.1 MiB  1.33   (prefill in 2048-token chunks)
+
+tests/test_memory.py checks peak <= estimate <= 1.5 x peak for the three
+test models at ctx 256, par 4, both ways.
 
 A loaded model's footprint is max(estimate, what its runner reports), so a
 runner that outgrows its estimate is charged what it really uses.

@@ -48,7 +48,13 @@ class RunnerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def _check_open(self) -> None:
+        # closed once its runner exited: a late caller gets a RunnerFailed, not httpx's RuntimeError
+        if self._http.is_closed:
+            raise RunnerFailed("runner has exited")
+
     async def _post(self, route: str, body: dict[str, Any]) -> Any:
+        self._check_open()
         try:
             resp = await self._http.post(route, json=body)
         except httpx.HTTPError as e:
@@ -57,6 +63,8 @@ class RunnerClient:
         return resp.json()
 
     async def health(self, timeout: float = 2.0) -> bool:
+        if self._http.is_closed:
+            return False
         try:
             resp = await self._http.get(ROUTE_HEALTH, timeout=timeout)
         except httpx.HTTPError:
@@ -64,6 +72,7 @@ class RunnerClient:
         return resp.status_code == 200
 
     async def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        self._check_open()
         try:
             resp = await self._http.get(ROUTE_STATUS, timeout=timeout)
         except httpx.HTTPError as e:
@@ -83,6 +92,7 @@ class RunnerClient:
     async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the runner's NDJSON lines; closing this generator closes the response,
         which makes the runner cancel the sequence."""
+        self._check_open()
         timeout = httpx.Timeout(self._timeout, read=None)
         try:
             async with self._http.stream("POST", ROUTE_COMPLETION, json=body, timeout=timeout) as resp:

@@ -79,13 +79,17 @@ def build_context(settings: Settings) -> Any:
     from supervisor.store import ModelStore
 
     store = ModelStore(settings.home)
-    scheduler = Scheduler(settings, store)  # type: ignore[call-arg]
+    scheduler = Scheduler(settings, store)
     return AppContext(settings=settings, store=store, scheduler=scheduler)
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per request comes from uvicorn's access log; the supervisor's own
+    # calls to its runners would double every line, so httpx logs only problems.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def run_serve(args: argparse.Namespace) -> int:

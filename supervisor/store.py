@@ -105,12 +105,18 @@ def _mlx_lm_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# lru_cache does not stop concurrent first calls, and CPython 3.11's ast.parse
+# is not safe in several threads at once (SystemError seen under 8 racing requests).
+_AST_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=1)
 def _model_remapping() -> dict[str, str]:
     """mlx_lm.utils.MODEL_REMAPPING, read from the source with ast (never executed)."""
     pkg = _mlx_lm_dir()
     try:
-        tree = ast.parse((pkg / "utils.py").read_text()) if pkg else None
+        with _AST_LOCK:
+            tree = ast.parse((pkg / "utils.py").read_text()) if pkg else None
     except (OSError, SyntaxError):
         tree = None
     for node in tree.body if tree else []:

@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+from runner.protocol import chunk_line, done_line
 from supervisor.api.context import AppContext
 from supervisor.api.ollama import ToolCallFilter
 from supervisor.app import MAX_BODY_BYTES, create_app
@@ -165,6 +166,22 @@ async def test_chat_tool_calls(client: httpx.AsyncClient, sched: FakeScheduler) 
     calls = [c for x in lines for c in x["message"].get("tool_calls", [])]
     assert calls == body["message"]["tool_calls"]
     assert "".join(x["message"]["content"] for x in lines) == "Let me check. "
+
+
+async def test_chat_tool_calls_parsed_by_the_runner(client: httpx.AsyncClient,
+                                                     sched: FakeScheduler) -> None:
+    done = done_line("stop", prompt_eval_count=3, prompt_eval_duration=1, eval_count=4,
+                     eval_duration=1)
+    done["tool_calls"] = [{"name": "add", "arguments": {"a": 1, "b": 2}}]
+    sched.script = [chunk_line("Adding."), done]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    req = {"model": TINY, "messages": [{"role": "user", "content": "1+2"}], "tools": tools}
+    body = (await client.post("/api/chat", json={**req, "stream": False})).json()
+    expected = [{"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]
+    assert body["message"] == {"role": "assistant", "content": "Adding.", "tool_calls": expected}
+    lines = ndjson(await client.post("/api/chat", json=req))
+    assert [c for x in lines for c in x["message"].get("tool_calls", [])] == expected
+    assert lines[-1]["done"] is True
 
 
 def test_tool_call_filter_passes_plain_text_and_bad_json() -> None:

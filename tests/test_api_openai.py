@@ -188,6 +188,9 @@ async def test_keep_alive_extension(client: openai.AsyncOpenAI, sched: FakeSched
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"model": 5}, "model"),
     ({"stream": "yes"}, "stream"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"stream": True, "stream_options": "usage"}, "stream_options"),
 ])
 async def test_bad_requests(client: openai.AsyncOpenAI, kwargs: dict[str, Any], param: str) -> None:
     args: dict[str, Any] = {"model": TINY, "messages": [{"role": "user", "content": "x"}], **kwargs}
@@ -238,6 +241,12 @@ async def test_error_after_stream_started(http: httpx2.AsyncClient, sched: FakeS
     err = json.loads(last.removeprefix("data: "))["error"]
     assert "signal 9" in err["message"] and err["type"] == "server_error"
     assert sched.leases[-1].released
+    client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0)
+    stream = await client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}],
+                                                  stream=True)
+    with pytest.raises(openai.APIError, match="signal 9"):  # the SDK raises the error event
+        async for _ in stream:
+            pass
     # and the server keeps serving
     sched.script = _script
     ok = await http.post("/v1/completions", json={"model": TINY, "prompt": "x"})

@@ -50,15 +50,17 @@ def _ps(server: ServerProcess) -> list[dict[str, Any]]:
     return list(r.json()["models"])
 
 
-def _runner_pids(server: ServerProcess, model_dir_part: str) -> list[int]:
+def _runner_pids(server: ServerProcess, repo: str) -> list[int]:
+    """Pids of the server's `python -m runner --model <dir of repo>` children."""
     assert server.proc is not None
+    marker = f"models--{repo.replace('/', '--')}/"
     pids = []
     for child in psutil.Process(server.proc.pid).children(recursive=True):
         try:
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        if "runner" in cmd and any(model_dir_part in c for c in cmd):
+        if "runner" in cmd and "--model" in cmd and marker in cmd[cmd.index("--model") + 1]:
             pids.append(child.pid)
     return pids
 
@@ -84,14 +86,14 @@ def test_concurrent_requests_load_once(server: ServerProcess) -> None:
             return m.content[0].text  # type: ignore[union-attr]
 
         calls = [chat, complete, message, chat, complete, message, chat, message]
-        return await asyncio.gather(*(c() for c in calls))
+        async with oc, ac:
+            return await asyncio.gather(*(c() for c in calls))
 
     results = asyncio.run(race())
     assert len(results) == 8
     rows = [m for m in _ps(server) if m["name"].startswith(TINY + ":")]
     assert len(rows) == 1 and rows[0]["pid"] > 0
-    assert _runner_pids(server, "corral-test--tiny/") == [rows[0]["pid"]] or \
-        len(_runner_pids(server, "models--corral-test--tiny")) == 1
+    assert _runner_pids(server, TINY) == [rows[0]["pid"]]
 
 
 def test_models_list_shows_every_local_model(oai: openai.OpenAI) -> None:

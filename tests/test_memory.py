@@ -58,6 +58,7 @@ def check_bound(model: Path, peak: int) -> None:
     est = estimate_need(read_manifest(model), NUM_CTX, NUM_PARALLEL)
     mib = 1024 * 1024
     detail = f"{model.name}: peak {peak / mib:.1f} MiB, estimate {est.total / mib:.1f} MiB ({est})"
+    print(f"{detail[: detail.index('(')]}ratio {est.total / peak:.2f}")
     assert peak <= est.total, "peak above estimate: " + detail
     assert est.total <= 1.5 * peak, "estimate too loose: " + detail
 

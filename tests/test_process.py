@@ -160,3 +160,23 @@ def test_cleanup_orphans(tmp_path: Path) -> None:
         for p in (orphan, recycled, owned):
             p.kill()
             p.wait()
+
+
+async def test_closing_a_stream_early_cancels_it(tmp_path: Path) -> None:
+    p = fake(tmp_path, "--token-delay", "0.05")
+    await p.start(timeout=60)
+    try:
+        stream = p.client.completion({"prompt": "x", "options": {"num_predict": 1000}})
+        first = await stream.__anext__()
+        assert first["done"] is False
+        assert (await p.client.status())["active"] == 1
+        await stream.aclose()
+        for _ in range(200):
+            if (await p.client.status())["active"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await p.client.status())["active"] == 0
+    finally:
+        await p.stop()
+    with pytest.raises(RunnerFailed):  # the client is closed with its runner
+        await p.client.tokenize("x")

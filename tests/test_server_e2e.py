@@ -170,12 +170,15 @@ def test_keep_alive_forms(server: ServerProcess, client: ollama.Client) -> None:
     client.generate(TINY, "Hi", options=GREEDY, keep_alive=-1)
     row = ps(server.url)[TINY]
     assert row["expires_at"].startswith("9999")
+    time.sleep(1.5)
+    assert ps(server.url)[TINY]["pid"] == row["pid"]  # still there, same runner
     # "1s": expires by itself
     pid = int(row["pid"])
     client.generate(TINY, "Hi", options=GREEDY, keep_alive="1s")
-    row = ps(server.url).get(TINY)
-    if row is not None:  # (it may already have expired on a slow machine)
-        expires = datetime.fromisoformat(row["expires_at"].replace("Z", "+00:00"))
+    later = ps(server.url).get(TINY)
+    if later is not None:  # (it may already have expired on a slow machine)
+        assert int(later["pid"]) == pid
+        expires = datetime.fromisoformat(later["expires_at"].replace("Z", "+00:00"))
         assert (expires - datetime.now(timezone.utc)).total_seconds() < 5
     wait_for(lambda: TINY not in ps(server.url), timeout=30, what="keep_alive 1s expiry")
     wait_for(lambda: not alive(pid), what="the expired runner to exit")

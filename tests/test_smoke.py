@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,11 @@ def test_smoke_script_passes_and_cleans_up(tmp_path: Path) -> None:
     assert "smoke: OK" in result.stdout
     assert "smoke/tiny" in result.stdout  # listed by `corral list` and `corral ps`
     assert list(tmp_path.glob("corral-smoke.*")) == []  # its temp dir is gone
+    # Nothing left running: not the server, not the runner `corral ps` showed.
+    server_pid = int(re.search(r"smoke: server pid (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    runner_pid = int(re.search(r"smoke/tiny\S*\s.*\s(\d+)\s*$", result.stdout, re.M).group(1))  # type: ignore[union-attr]
+    for pid in (server_pid, runner_pid):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_smoke_script_fails_loudly(tmp_path: Path) -> None:

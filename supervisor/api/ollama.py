@@ -10,8 +10,10 @@ Decisions of ours:
   requests may carry it or not.
 - A model kept forever reports expires_at 9999-12-31T23:59:59Z.
 - `format`, `images` and `suffix` are not supported: 400, never silently ignored.
-- Tool calls: when `tools` are given, `<tool_call>{json}</tool_call>` blocks in the
-  output (the Hermes/Qwen convention) come back as message.tool_calls.
+- Tool calls: the runner parses them when the tokenizer knows the model's
+  markup (they arrive on its done line); as a fallback, when `tools` are given,
+  `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
+  convention) are parsed here. Both come back as message.tool_calls.
 """
 
 from __future__ import annotations
@@ -214,6 +216,15 @@ def _parse_call(text: str) -> dict[str, Any] | None:
     return {"function": {"name": value["name"], "arguments": args}}
 
 
+def _runner_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tool calls the runner parsed itself ({"name", "arguments"}), in Ollama's shape."""
+    raw = done.get("tool_calls")
+    if not isinstance(raw, list):
+        return []
+    return [{"function": {"name": c["name"], "arguments": c.get("arguments") or {}}}
+            for c in raw if isinstance(c, dict) and isinstance(c.get("name"), str)]
+
+
 class ToolCallFilter:
     """Splits streamed text into visible content and parsed tool calls.
 
@@ -381,6 +392,7 @@ class Generation:
                     if event.get("done"):
                         text += tools.flush()
                 if event.get("done"):
+                    calls += _runner_calls(event)
                     if text or calls:
                         yield _dump(self.line(text, done=False, calls=calls))
                     yield _dump(self.final(event, lease.load_duration))
@@ -409,6 +421,7 @@ class Generation:
                     f = ToolCallFilter()
                     text, calls = f.feed(text)
                     text += f.flush()
+                calls += _runner_calls(event)
                 return self.final(event, lease.load_duration, text, calls)
         raise RunnerFailed("the model's stream ended without a final line")
 

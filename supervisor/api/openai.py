@@ -407,6 +407,8 @@ class Completion:
         self.include_usage = _include_usage(body) if self.stream else False
         self.keep_alive = keep_alive_field(body)
         _response_format(body)
+        if chat and body.get("logprobs"):
+            raise BadRequest("'logprobs' is not supported", param="logprobs")
         self.tools = _tools(body) if chat else None
         self.runner_body: dict[str, Any] = {"options": _sampling(body)}
         if chat:

@@ -1,0 +1,184 @@
+"""Benchmark the runner against mlx_lm in-process, on one generated model.
+
+Prints, from one run:
+  * decode tokens/s of one stream through the runner's HTTP vs
+    mlx_lm.stream_generate in this process (target ratio >= 0.95);
+  * aggregate tokens/s at 1, 2, 4, 8 concurrent streams through HTTP vs the
+    same counts through mlx_lm's BatchGenerator in this process (target ratio
+    at 4 streams >= 0.85).
+
+Greedy decoding with the same prompts on both sides, so both generate the same
+tokens. Each figure is the best of --repeats runs (the box may be shared).
+
+Usage: python scripts/bench_runner.py [--hidden 512 --layers 8 --tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over",
+    "Once upon a time there was a small model",
+    "A model server keeps models in memory",
+    "Continuous batching decodes several sequences",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9",
+    "The supervisor evicts idle models when",
+    "It is sunny and warm. What is the weather",
+]
+CONCURRENCY = (1, 2, 4, 8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_model(out: Path, hidden: int, layers: int) -> Path:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), str(out),
+                    "--hidden", str(hidden), "--layers", str(layers), "--heads", "8"],
+                   check=True, capture_output=True)
+    return out
+
+
+def start_runner(model: Path, num_parallel: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "--model", str(model), "--port", str(port),
+                             "--num-parallel", str(num_parallel)], cwd=ROOT, stderr=log.open("wb"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"runner exited: {log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit("runner did not start")
+
+
+def http_stream(url: str, prompt: str, n: int) -> dict[str, Any]:
+    body = {"prompt": prompt, "options": {"temperature": 0, "num_predict": n}}
+    last: dict[str, Any] = {}
+    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            last = json.loads(line)
+    return last
+
+
+def http_single(url: str, n: int) -> float:
+    """Decode tokens/s of one stream, as the client sees it after the first token."""
+    body = {"prompt": PROMPTS[0], "options": {"temperature": 0, "num_predict": n}}
+    count, first, end = 0, 0.0, 0.0
+    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            d = json.loads(line)
+            if d.get("done"):
+                end = time.perf_counter()
+                count = d["eval_count"]
+            elif not first:
+                first = time.perf_counter()
+    return (count - 1) / (end - first)
+
+
+def http_aggregate(url: str, k: int, n: int) -> float:
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(k) as ex:
+        done = list(ex.map(lambda p: http_stream(url, p, n), PROMPTS[:k]))
+    return sum(d["eval_count"] for d in done) / (time.perf_counter() - t0)
+
+
+def local_single(model: Any, tok: Any, n: int) -> float:
+    from mlx_lm import stream_generate
+
+    count, first, end = 0, 0.0, 0.0
+    for resp in stream_generate(model, tok, PROMPTS[0], max_tokens=n):
+        if not first:
+            first = time.perf_counter()
+        count += 1
+        end = time.perf_counter()
+    return (count - 1) / (end - first)
+
+
+def local_aggregate(model: Any, tok: Any, k: int, n: int) -> float:
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tok.eos_token_ids],
+                         completion_batch_size=k, prefill_batch_size=k)
+    prompts = [tok.encode(p) for p in PROMPTS[:k]]
+    t0 = time.perf_counter()
+    gen.insert(prompts, max_tokens=[n] * k)
+    total, left = 0, k
+    while left:
+        for r in gen.next_generated():
+            if r.token not in tok.eos_token_ids:
+                total += 1
+            if r.finish_reason is not None:
+                left -= 1
+    elapsed = time.perf_counter() - t0
+    gen.close()
+    return total / elapsed
+
+
+def best_pair(http: Any, local: Any, repeats: int) -> tuple[float, float]:
+    # Alternate the two sides so load from other processes hits both alike.
+    hs, ls = [], []
+    for _ in range(repeats):
+        hs.append(http())
+        ls.append(local())
+    return max(hs), max(ls)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    n, reps = args.tokens, args.repeats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp) / "bench", args.hidden, args.layers)
+        from mlx_lm import load
+
+        model, tok = load(str(model_dir))[:2]
+        proc, url = start_runner(model_dir, max(CONCURRENCY), Path(tmp) / "runner.log")
+        try:
+            print(f"model: llama hidden {args.hidden}, {args.layers} layers; {n} tokens per stream; "
+                  f"best of {reps}, alternating; device {httpx.get(url + '/status').json()['device']}")
+            http_stream(url, PROMPTS[0], 8)  # warm up both sides
+            local_single(model, tok, 8)
+            h1, l1 = best_pair(lambda: http_single(url, n), lambda: local_single(model, tok, n), reps)
+            print(f"single stream decode: runner HTTP {h1:8.1f} tok/s | mlx_lm.stream_generate "
+                  f"{l1:8.1f} tok/s | ratio {h1 / l1:.3f} (target >= 0.95)")
+            for k in CONCURRENCY:
+                hk, lk = best_pair(lambda k=k: http_aggregate(url, k, n),
+                                   lambda k=k: local_aggregate(model, tok, k, n), reps)
+                print(f"{k} streams aggregate:  runner HTTP {hk:8.1f} tok/s | BatchGenerator "
+                      f"{lk:8.1f} tok/s | ratio {hk / lk:.3f}" + ("  (target >= 0.85)" if k == 4 else ""))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
