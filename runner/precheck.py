@@ -49,9 +49,11 @@ def check_model_type(config: dict[str, object], model_dir: Path) -> None:
     if not isinstance(model_type, str) or not model_type:
         raise ModelDirError(f"{model_dir}/config.json: no model_type")
     module = _REMAPPED.get(model_type, model_type).replace("-", "_")
-    if importlib.util.find_spec("mlx_lm") is None:
+    # Locate mlx_lm without importing it (importing pulls in mlx: slow).
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelDirError("mlx_lm is not installed")
-    if importlib.util.find_spec(f"mlx_lm.models.{module}") is None:
+    if not any((Path(loc) / "models" / f"{module}.py").is_file() for loc in spec.submodule_search_locations):
         raise ModelDirError(f"{model_dir}: model_type {model_type!r} is not supported by mlx_lm")
 
 

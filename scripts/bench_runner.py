@@ -109,7 +109,7 @@ def local_single(model: Any, tok: Any, n: int) -> float:
     from mlx_lm import stream_generate
 
     count, first, end = 0, 0.0, 0.0
-    for resp in stream_generate(model, tok, PROMPTS[0], max_tokens=n):
+    for _ in stream_generate(model, tok, PROMPTS[0], max_tokens=n):
         if not first:
             first = time.perf_counter()
         count += 1

@@ -1,0 +1,83 @@
+"""Pure-logic pieces of the runner: text stop matching and tool-call splitting.
+
+(The end-to-end behaviour is covered with a real runner in tests/test_runner.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from runner.stops import StopMatcher
+from runner.tools import ToolCallSplitter
+
+
+def feed_all(m: StopMatcher, pieces: list[str]) -> str:
+    out = ""
+    for p in pieces:
+        out += m.feed(p)
+        if m.stopped:
+            break
+    return out + m.flush()
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "want", "stopped"),
+    [
+        (["Hello", " wor", "ld", "!"], ("world",), "Hello ", True),
+        (["ab", "c<", "|e", "nd|>", "tail"], ("<|end|>",), "abc", True),
+        (["ab", "c<", "|x", "yz"], ("<|end|>",), "abc<|xyz", False),
+        (["xx", "STOP"], ("nope", "STOP"), "xx", True),
+        (["one two"], (), "one two", False),
+        (["aaa", "ab"], ("aab",), "aa", True),
+    ],
+)
+def test_stop_matcher(pieces: list[str], stops: tuple[str, ...], want: str, stopped: bool) -> None:
+    m = StopMatcher(stops)
+    assert feed_all(m, pieces) == want
+    assert m.stopped is stopped
+
+
+def test_stop_matcher_holds_back_only_a_possible_prefix() -> None:
+    m = StopMatcher(("END",))
+    assert m.feed("abcE") == "abc"
+    assert m.feed("x") == "Ex"
+
+
+class FakeToolTokenizer:
+    has_tool_calling = True
+    tool_call_start = "<tool_call>"
+    tool_call_end = "</tool_call>"
+
+    @staticmethod
+    def tool_parser(text: str, tools: Any) -> Any:
+        return json.loads(text.strip())
+
+
+def test_tool_calls_are_split_from_content() -> None:
+    s = ToolCallSplitter(FakeToolTokenizer(), tools=[])
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    pieces = ["Sure. <tool", "_call>", call[:10], call[10:], "</tool_", "call> done"]
+    content = "".join(s.feed(p) for p in pieces)
+    rest, calls = s.finish()
+    assert content + rest == "Sure.  done"
+    assert calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+def test_unparsable_tool_call_comes_back_as_text() -> None:
+    s = ToolCallSplitter(FakeToolTokenizer(), tools=[])
+    content = s.feed("x<tool_call>not json</tool_call>")
+    rest, calls = s.finish()
+    assert calls == []
+    assert content + rest == "x<tool_call>not json</tool_call>"
+
+
+def test_tokenizer_without_tool_calling_passes_text_through() -> None:
+    class Plain:
+        has_tool_calling = False
+
+    s = ToolCallSplitter(Plain(), tools=[{"type": "function"}])
+    assert s.feed("<tool_call>{}</tool_call>") == "<tool_call>{}</tool_call>"
+    assert s.finish() == ("", [])
