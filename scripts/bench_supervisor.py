@@ -192,7 +192,7 @@ def main() -> int:
         tmpd = Path(tmp)
         cache = tmpd / "hub"
         a_path = make_model(cache, "bench/a", *size)
-        b_path = make_model(cache, "bench/b", *size, "--seed", "1")
+        make_model(cache, "bench/b", *size, "--seed", "1")
         big_path = make_model(cache, "bench/big", "--hidden", str(args.big_hidden),
                               "--layers", str(args.big_layers), "--heads", "8")
         print(f"models: {args.hidden}x{args.layers} float32 (a, b); eviction model "

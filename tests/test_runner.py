@@ -151,6 +151,20 @@ def test_more_requests_than_slots_all_complete(runner: RunnerProcess) -> None:
     assert wait_for(lambda: httpx.get(runner.url + "/status").json()["active"] == 0)
 
 
+def test_num_parallel_caps_the_batch(runner: RunnerProcess) -> None:
+    seen: list[dict[str, Any]] = []
+    prompts = PROMPTS * 2
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        futures = [ex.submit(stream, runner.url, {"prompt": p, "options": {"temperature": 0}}) for p in prompts]
+        while not all(f.done() for f in futures):
+            seen.append(httpx.get(runner.url + "/status").json())
+            time.sleep(0.01)
+        results = [f.result() for f in futures]
+    assert all(s["active"] <= 4 for s in seen)
+    assert all(s["active"] + s["queued"] <= len(prompts) for s in seen)
+    assert [t for t, _ in results[:4]] == [t for t, _ in results[4:]]  # batch mates do not change output
+
+
 # -- chat ----------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from runner.tools import ToolCallSplitter
 from tests.test_runner import ROOT, RunnerProcess, free_port, stream, wait_for
 
 TOKEN = "s3cret-token"
@@ -38,21 +39,21 @@ def test_token_required_when_set(tiny_model: Path, tmp_path: Path) -> None:
 
         # SIGTERM in the middle of streams: each ends with "cancelled", exit 0 within 5 s.
         results: list[dict[str, Any]] = []
-        started = threading.Event()
+        started = [threading.Event(), threading.Event()]
 
-        def consume(prompt: str) -> None:
+        def consume(prompt: str, i: int) -> None:
             with httpx.stream("POST", r.url + "/completion", headers=auth, timeout=30,
                               json={"prompt": prompt, "options": {"temperature": 0, "num_ctx": 4096}}) as resp:
                 last: dict[str, Any] = {}
                 for line in resp.iter_lines():
                     last = json.loads(line)
-                    started.set()
+                    started[i].set()
                 results.append(last)
 
-        threads = [threading.Thread(target=consume, args=(p,)) for p in ("Once upon", "The quick")]
+        threads = [threading.Thread(target=consume, args=(p, i)) for i, p in enumerate(("Once upon", "The quick"))]
         for t in threads:
             t.start()
-        assert started.wait(30)
+        assert all(e.wait(30) for e in started)  # both streams are flowing
         assert r.proc is not None
         t0 = time.monotonic()
         r.proc.send_signal(signal.SIGTERM)
@@ -178,3 +179,36 @@ def test_broken_model_dir_exits_with_one_line(tiny_model: Path, tmp_path: Path, 
     assert last.startswith("runner: error:"), p.stderr
     assert want in last, last
     assert "Traceback" not in p.stderr
+
+
+def test_tool_capable_tokenizer_with_tools_streams_plainly(tiny_model: Path, tmp_path: Path) -> None:
+    # A chat template that mentions <tool_call> makes mlx_lm pick its JSON
+    # tool parser (tokenizer.has_tool_calling); random weights will not emit
+    # a call, so this checks the tool path runs end to end and never crashes.
+    d = tmp_path / "tool-model"
+    shutil.copytree(tiny_model, d)
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = cfg["chat_template"].replace(
+        "You can call these tools:", "Call tools as <tool_call>(tool_call.name, arguments)</tool_call>:")
+    cfg_path.write_text(json.dumps(cfg))
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(d)
+    assert tok.has_tool_calling
+    # The splitter with mlx_lm's own parser for this template:
+    splitter = ToolCallSplitter(tok, [])
+    shown = splitter.feed('ok <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>')
+    assert (shown, splitter.finish()) == ("ok ", ("", [{"name": "f", "arguments": {"x": 1}}]))
+    r = RunnerProcess(d, tmp_path).start()
+    try:
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools,
+                "options": {"temperature": 0, "num_predict": 12}}
+        text, done = stream(r.url, body)
+        plain, _ = stream(r.url, {**body, "tools": None})
+        assert done["done"] is True and isinstance(text, str)
+        assert done.get("tool_calls", []) == [] or all("name" in c for c in done["tool_calls"])
+        assert isinstance(plain, str)
+    finally:
+        r.stop()
