@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -52,6 +53,18 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set size, in bytes.
+
+    On Linux, VmHWM (the address space's high-water mark) is used rather than
+    ru_maxrss: ru_maxrss carries over across fork+exec, so a runner spawned by
+    a large parent would report the parent's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -35,8 +34,10 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
+    # The runner's own measure, so calibration and the runner agree (VmHWM on Linux).
+    from runner.server import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:

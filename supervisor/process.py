@@ -170,7 +170,9 @@ class RunnerProcess:
 
     async def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        delay = 0.05
+        # A short constant poll: a loopback /health costs well under a millisecond,
+        # and every interval of slack is added to the request's cold start.
+        delay = 0.02
         while True:
             if self._exited.is_set() or self.state is RunnerState.FAILED:
                 await self._drain_stderr()
@@ -182,7 +184,6 @@ class RunnerProcess:
                 raise LoadTimeout(f"model '{self.name}' did not load within {timeout:g}s", retry_after=5)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), delay)
-            delay = min(delay * 1.5, 0.5)
 
     def _write_record(self) -> None:
         assert self._proc is not None

@@ -8,6 +8,7 @@ signals start their own.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -31,11 +32,12 @@ GREEDY = {"temperature": 0, "num_predict": 8}
 
 
 @pytest.fixture(scope="module")
-def cache(hf_cache: Path) -> Path:
-    """The session cache plus a third model, for single-model switches next to a pinned one."""
-    if not (hf_cache / f"models--{TINY_C.replace('/', '--')}").exists():
-        make_hf_model(hf_cache, TINY_C, "--seed", "2")
-    return hf_cache
+def cache(hf_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A copy: the session's hf_cache is shared, and other modules expect exactly its two models.
+    own = tmp_path_factory.mktemp("e2e-hub") / "hub"
+    shutil.copytree(hf_cache, own, symlinks=True)
+    make_hf_model(own, TINY_C, "--seed", "2")
+    return own
 
 
 @pytest.fixture(scope="module")
