@@ -2,6 +2,13 @@
 
 The model directory is checked cheaply before mlx is imported, so a broken
 model fails within seconds with one readable line on stderr.
+
+Standby mode (`--model -`): the process does its heavy imports first (mlx_lm
+and transformers take 1.5-2 s, far longer than loading a small model), then
+reads one JSON line on stdin, {"model": DIR, "num_ctx": N, "num_parallel": N,
+"name": str}, and carries on as if those had been its arguments. The
+supervisor keeps one such process ready so a cold load skips interpreter
+start and imports. EOF on stdin before the line: exit 0.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -35,7 +43,8 @@ SHUTDOWN_GRACE_S = 2.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner", description="Serve one MLX model over HTTP.")
-    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="model directory (config.json, *.safetensors, tokenizer); '-': standby, read it on stdin")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--num-ctx", type=int, default=0, help="tokens per sequence (default: min(4096, model max))")
@@ -67,11 +76,42 @@ def load(model_dir: Path) -> tuple[object, object]:
     return model, tokenizer
 
 
+STANDBY = "-"
+
+
+def await_assignment(args: argparse.Namespace) -> None:
+    """Standby: import what loading needs, then take the model from stdin into `args`."""
+    import mlx_lm  # noqa: F401  (the slow import this mode exists to get done early)
+
+    import runner.engine
+    import runner.server  # noqa: F401
+
+    log.info("standby: imports done, waiting for a model on stdin")
+    line = sys.stdin.readline()
+    if not line.strip():
+        log.info("standby: stdin closed without a model; exiting")
+        logging.shutdown()
+        os._exit(0)
+    try:
+        assignment = json.loads(line)
+        args.model = str(assignment["model"])
+        args.num_ctx = int(assignment.get("num_ctx") or 0)
+        args.num_parallel = int(assignment.get("num_parallel") or DEFAULT_NUM_PARALLEL)
+        args.name = assignment.get("name") or args.name
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"standby: bad model assignment on stdin: {e}")
+    if args.num_ctx < 0 or args.num_parallel < 1:
+        fail("standby: num_ctx must be >= 0 and num_parallel >= 1")
+    log.info("standby: assigned %s", args.model)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
     args = parse_args(argv)
     die_with_parent()
+    if args.model == STANDBY:
+        await_assignment(args)
     model_dir = Path(args.model).expanduser()
     try:
         config = check_model_dir(model_dir)
@@ -132,8 +172,14 @@ async def _finish(server: uvicorn.Server, app: RunnerApp) -> None:
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
     while app.streams > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+    # Exit now rather than through uvicorn's shutdown (a 0.1 s tick, then
+    # connection draining) and interpreter teardown: every stream has written
+    # its last line, and the OS reclaims sockets and memory at once. Eviction
+    # time is on the path of every model switch.
     server.should_exit = True
-    server.force_exit = True
+    log.info("exited cleanly")
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def server(home: Path, cache: Path, **env: str) -> Iterator[str]:
 
 def stream_generate_http(url: str, model: str, tokens: int, **extra: Any) -> dict[str, float]:
     """Time one streamed /api/generate: request->first token, and decode rate after it."""
-    body = {"model": model, "prompt": PROMPT, "stream": True,
+    # raw: the prompt exactly as the in-process side gets it (no chat template)
+    body = {"model": model, "prompt": PROMPT, "stream": True, "raw": True,
             "options": {"temperature": 0, "num_predict": tokens}, **extra}
     t0 = time.perf_counter()
     first = last = None

@@ -16,6 +16,9 @@ export CORRAL_HOME="${CORRAL_HOME:-$PWD/.demo/home}"
 export CORRAL_HOST="${CORRAL_HOST:-127.0.0.1:11434}"
 MODEL="${DEMO_MODEL:-corral-demo/tiny-llama}"
 if [ -z "${DEMO_MODEL:-}" ]; then
+    # A random-weight model rarely says its end token: a short window keeps
+    # its answers short (generation ends with done_reason "length" there).
+    export CORRAL_CONTEXT_LENGTH="${CORRAL_CONTEXT_LENGTH:-256}"
     export HF_HUB_CACHE="${HF_HUB_CACHE:-$PWD/.demo/hub}"
     [ -d "$HF_HUB_CACHE/models--corral-demo--tiny-llama" ] ||
         python scripts/make_test_model.py --hf-cache "$HF_HUB_CACHE" --repo "$MODEL" --hidden 256 --layers 4 >/dev/null

@@ -5,6 +5,11 @@ RunnerProcess is the one owner of a runner's state; every change goes through
 (STOPPING -> STOPPED), not a side effect. The runner lives in its own process
 group (start_new_session) so SIGTERM/SIGKILL reach anything it spawned.
 
+A runner may start as a standby (`python -m runner --model -`): spawned ahead
+of need so its imports are done, then adopted for a model, which it reads on
+stdin (`adopt` + `start`). StandbyFactory keeps one such process ready, so a
+cold load skips interpreter start and the mlx_lm/transformers imports.
+
 Each runner is recorded in CORRAL_HOME/runners/<pid>.json with its process
 create_time and the supervisor's pid and create_time; `cleanup_orphans` uses
 these to kill runners left by a supervisor that died, never a recycled pid.
@@ -80,7 +85,9 @@ class RunnerProcess:
         extra_args: Sequence[str] = (),
         host: str = "127.0.0.1",
         stop_grace: float = STOP_GRACE,
+        standby: bool = False,
     ) -> None:
+        self.standby = standby  # spawned with --model -, model assigned on stdin
         self.name = name
         self.model_dir = Path(model_dir)
         self.home = Path(home)
@@ -142,25 +149,56 @@ class RunnerProcess:
     # -- start --------------------------------------------------------------
 
     def argv(self) -> list[str]:
+        if self.standby:
+            return [*self.command, "--model", "-", "--host", self.host, "--port", str(self.port),
+                    *self.extra_args]
         return [*self.command, "--model", str(self.model_dir), "--host", self.host, "--port", str(self.port),
                 "--num-ctx", str(self.num_ctx), "--num-parallel", str(self.num_parallel), *self.extra_args]
 
-    async def start(self, timeout: float) -> None:
-        """Spawn and wait until /health answers 200. Raises RunnerFailed or LoadTimeout
-        (after stopping the process)."""
+    @property
+    def spawned(self) -> bool:
+        return self._proc is not None
+
+    async def spawn(self) -> None:
+        """Start the process (a standby waits for `adopt` + `start`); returns at once."""
         self.port = free_port(self.host)
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
-            *self.argv(), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            *self.argv(), env=env,
+            stdin=asyncio.subprocess.PIPE if self.standby else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         self._write_record()
         self._client = RunnerClient(f"http://{self.host}:{self.port}", self.token)
         self._stderr_task = asyncio.create_task(self._pump_stderr())
         self._watch_task = asyncio.create_task(self._watch())
+
+    def adopt(self, name: str, model_dir: Path, num_ctx: int, num_parallel: int) -> None:
+        """Give a spawned standby its model; `start` then sends it and waits for ready."""
+        if not self.standby or self.state is not RunnerState.STARTING:
+            raise RuntimeError(f"runner {self.name}: only a waiting standby can be adopted")
+        self.name, self.model_dir, self.num_ctx, self.num_parallel = name, Path(model_dir), num_ctx, num_parallel
+        self._write_record()  # the record names the model it now serves
+
+    async def _assign(self) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        line = json.dumps({"model": str(self.model_dir), "num_ctx": self.num_ctx,
+                           "num_parallel": self.num_parallel, "name": self.name})
+        with contextlib.suppress(ConnectionError, BrokenPipeError):
+            self._proc.stdin.write(line.encode() + b"\n")
+            await self._proc.stdin.drain()
+            self._proc.stdin.close()  # an exit before reading shows up in _wait_ready
+
+    async def start(self, timeout: float) -> None:
+        """Spawn (or hand an adopted standby its model) and wait until /health answers 200.
+        Raises RunnerFailed or LoadTimeout (after stopping the process)."""
+        if self._proc is None:
+            await self.spawn()
+        if self.standby:
+            await self._assign()
         try:
             await self._wait_ready(timeout)
         except BaseException:
@@ -194,6 +232,7 @@ class RunnerProcess:
                 "supervisor_pid": os.getpid(),
                 "supervisor_create_time": psutil.Process().create_time(),
                 "model": self.name,
+                "model_dir": str(self.model_dir),
             }
         except psutil.Error:
             return  # already gone: the watcher will notice
@@ -202,13 +241,13 @@ class RunnerProcess:
 
     async def _pump_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
-        with open(self.log_path, "ab") as logf:
-            async for raw in self._proc.stderr:
+        async for raw in self._proc.stderr:
+            # Opened per line: a standby's log path changes when it is adopted.
+            with open(self.log_path, "ab") as logf:
                 logf.write(raw)
-                logf.flush()
-                text = raw.decode("utf-8", "replace").rstrip()
-                if text.strip():
-                    self.stderr_tail.append(text.strip())
+            text = raw.decode("utf-8", "replace").rstrip()
+            if text.strip():
+                self.stderr_tail.append(text.strip())
 
     async def _drain_stderr(self) -> None:
         if self._stderr_task is not None:
@@ -304,3 +343,63 @@ def cleanup_orphans(home: Path) -> list[int]:
         with contextlib.suppress(OSError):
             path.unlink()
     return killed
+
+
+class StandbyFactory:
+    """Builds runners, keeping one standby process ready to adopt the next model.
+
+    `python -m runner` spends most of a small model's cold start importing
+    mlx_lm and transformers. A standby does that ahead of need, so a load only
+    pays for reading weights. One spare costs one idle interpreter (~85 MB
+    RSS on the CPU backend); it is refilled in the background after each use.
+    """
+
+    def __init__(self, home: Path, *, command: Sequence[str] = DEFAULT_COMMAND) -> None:
+        self.home = Path(home)
+        self.command = tuple(command)
+        self._spare: RunnerProcess | None = None
+        self._filling: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Future[None]] = set()
+        self._closed = False
+
+    def __call__(self, spec: Any) -> RunnerProcess:
+        spare, self._spare = self._spare, None
+        self.refill()
+        if spare is not None and spare.spawned and spare.state is RunnerState.STARTING \
+                and not spare._exited.is_set():
+            spare.adopt(spec.name, spec.model_dir, spec.num_ctx, spec.num_parallel)
+            return spare
+        if spare is not None:  # a dead or odd spare: make sure it is reaped
+            task = asyncio.ensure_future(spare.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        return RunnerProcess(spec.name, spec.model_dir, home=self.home, num_ctx=spec.num_ctx,
+                             num_parallel=spec.num_parallel, command=self.command)
+
+    def refill(self) -> None:
+        """Spawn a spare in the background if there is none."""
+        if self._closed or self._spare is not None or (self._filling and not self._filling.done()):
+            return
+        self._filling = asyncio.create_task(self._fill())
+
+    async def _fill(self) -> None:
+        spare = RunnerProcess("standby", Path("-"), home=self.home, num_ctx=0, num_parallel=1,
+                              command=self.command, standby=True)
+        try:
+            await spare.spawn()
+        except OSError as e:
+            log.warning("could not start a standby runner: %s", e)
+            return
+        if self._closed:
+            await spare.stop()
+            return
+        self._spare = spare
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._filling is not None:
+            with contextlib.suppress(Exception):
+                await self._filling
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.stop()

@@ -37,7 +37,7 @@ from supervisor.config import Settings
 from supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
 from supervisor.manifest import Manifest
 from supervisor.memory import MemoryProbe, NeedEstimate, SystemMemoryProbe, estimate_need, footprint
-from supervisor.process import RunnerProcess, RunnerState, cleanup_orphans
+from supervisor.process import RunnerProcess, RunnerState, StandbyFactory, cleanup_orphans
 from supervisor.store import ModelRef, normalize_name
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,15 @@ class Scheduler:
         *,
         estimate: EstimateFn = estimate_need,
         probe: MemoryProbe | None = None,
-        runner_factory: RunnerFactory = default_runner_factory,
+        runner_factory: RunnerFactory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.estimate = estimate
         self.probe: MemoryProbe = probe if probe is not None else SystemMemoryProbe()
-        self.runner_factory = runner_factory
+        # Default: real runners, with a standby process kept ready (see StandbyFactory).
+        self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home)
         self.clock = clock
         self._table: dict[str, _Entry] = {}
         self._queue: deque[_Ticket] = deque()
@@ -238,6 +239,9 @@ class Scheduler:
         if killed:
             log.warning("killed %d orphaned runner(s): %s", len(killed), killed)
         self._ensure_dispatcher()
+        refill = getattr(self.runner_factory, "refill", None)
+        if refill is not None:
+            refill()
         for name in list(self.settings.pinned):
             try:
                 lease = await self.acquire(name)
@@ -262,6 +266,9 @@ class Scheduler:
         await asyncio.gather(*(self._stop_entry(e) for e in entries), return_exceptions=True)
         if self._stops:
             await asyncio.gather(*self._stops, return_exceptions=True)
+        aclose = getattr(self.runner_factory, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     def _ensure_dispatcher(self) -> None:
         if self._dispatcher is None or self._dispatcher.done():

@@ -8,6 +8,7 @@ the first one races requests at a model nobody has loaded yet.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,17 +52,20 @@ def _ps(server: ServerProcess) -> list[dict[str, Any]]:
 
 
 def _runner_pids(server: ServerProcess, repo: str) -> list[int]:
-    """Pids of the server's `python -m runner --model <dir of repo>` children."""
+    """Pids of the server's live runner children serving `repo`.
+
+    A runner may have started as a standby (`--model -`) and been handed its
+    model later, so the model comes from the supervisor's runner records
+    (CORRAL_HOME/runners/<pid>.json), checked against the live children.
+    """
     assert server.proc is not None
     marker = f"models--{repo.replace('/', '--')}/"
+    children = {c.pid for c in psutil.Process(server.proc.pid).children(recursive=True)}
     pids = []
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            cmd = child.cmdline()
-        except psutil.Error:
-            continue
-        if "runner" in cmd and "--model" in cmd and marker in cmd[cmd.index("--model") + 1]:
-            pids.append(child.pid)
+    for record in (server.home / "runners").glob("*.json"):
+        rec = json.loads(record.read_text())
+        if rec["pid"] in children and marker in rec.get("model_dir", ""):
+            pids.append(int(rec["pid"]))
     return pids
 
 
