@@ -421,7 +421,10 @@ class Scheduler:
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
+        t0 = time.perf_counter()
         await entry.process.stop()
+        log.info("evicted %s (pid %d): reaped in %.0f ms", entry.name, entry.process.pid,
+                 (time.perf_counter() - t0) * 1000)
         if self._table.get(entry.name) is entry:
             del self._table[entry.name]
         self._wake.set()
