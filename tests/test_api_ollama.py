@@ -18,7 +18,7 @@ import pytest
 
 from runner.protocol import chunk_line, done_line
 from supervisor.api.context import AppContext
-from supervisor.api.ollama import ToolCallFilter
+from supervisor.api.toolcalls import ToolCallFilter
 from supervisor.app import MAX_BODY_BYTES, create_app
 from supervisor.config import Settings
 from supervisor.errors import Busy, InsufficientMemory, RunnerFailed

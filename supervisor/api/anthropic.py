@@ -33,19 +33,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from supervisor.api.context import AppContext
+from supervisor.api.fields import bool_field, keep_alive_field, model_field
 from supervisor.api.openai import (
     SSE,
     abandon,
-    bool_field,
-    keep_alive_field,
-    model_field,
     new_id,
     sse,
     start_completion,
-    text_tool_calls,
-    tool_call_out,
     wire_options,
 )
+from supervisor.api.toolcalls import text_tool_calls, tool_call_out
 from supervisor.app import read_json
 from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
 from supervisor.scheduler import Lease

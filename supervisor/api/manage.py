@@ -24,21 +24,12 @@ from starlette.routing import BaseRoute, Route
 
 from supervisor import pull as pulling
 from supervisor.api.context import AppContext
+from supervisor.api.fields import model_field
 from supervisor.app import read_json
 from supervisor.errors import BadRequest, CorralError
 
 log = logging.getLogger("corral")
 NDJSON = "application/x-ndjson"
-
-
-def _name_field(body: dict[str, Any], *keys: str) -> str:
-    for key in keys:
-        value = body.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not value.strip():
-                raise BadRequest(f"'{key}' must be a non-empty string", param=key)
-            return value.strip()
-    raise BadRequest(f"missing '{keys[0]}': the model to act on", param=keys[0])
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -65,7 +56,7 @@ async def _ndjson(events: AsyncIterator[dict[str, Any]], repo: str) -> AsyncIter
 async def pull(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    name = _name_field(body, "model", "name")
+    name = model_field(body, "model", "name")
     stream = _stream_flag(body)
     if not stream:
         events = await pulling.pull_model(ctx, name)
@@ -78,7 +69,7 @@ async def pull(request: Request) -> Response:
 async def create(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    name = _name_field(body, "model", "name")
+    name = model_field(body, "model", "name")
     source = body.get("from")
     if not isinstance(source, str) or not source.strip():
         if body.get("modelfile") is not None or body.get("files") is not None:

@@ -35,8 +35,10 @@ from starlette.routing import BaseRoute, Route
 import supervisor
 from runner.protocol import NDJSON, OptionError, options_to_wire, parse_options
 from supervisor.api.context import AppContext
+from supervisor.api.fields import bool_field, keep_alive_field, model_field, str_field
+from supervisor.api.toolcalls import ToolCallFilter, runner_calls
 from supervisor.app import read_json
-from supervisor.config import apply_patch, parse_keep_alive, settings_to_json
+from supervisor.config import apply_patch, settings_to_json
 from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
 from supervisor.manifest import Manifest
 from supervisor.scheduler import Lease, LoadedModel
@@ -60,39 +62,6 @@ def rfc3339(ts: float | None = None) -> str:
 def tagged(name: str) -> str:
     """Ollama shows every model with a tag."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-def _model_field(body: dict[str, Any], *keys: str) -> str:
-    for key in keys or ("model",):
-        value = body.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not value.strip():
-                raise BadRequest(f"'{key}' must be a non-empty string", param=key)
-            return value
-    raise BadRequest(f"'{(keys or ('model',))[0]}' is required", param=keys[0] if keys else "model")
-
-
-def _str_field(body: dict[str, Any], key: str, default: str = "") -> str:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise BadRequest(f"'{key}' must be a string", param=key)
-    return value
-
-
-def _bool_field(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise BadRequest(f"'{key}' must be true or false", param=key)
-    return value
-
-
-def _keep_alive(body: dict[str, Any]) -> float | None:
-    raw = body.get("keep_alive")
-    return None if raw is None else parse_keep_alive(raw)
 
 
 def _sampling(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -193,80 +162,6 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-# ---- tool calls ----------------------------------------------------------
-
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-
-
-def _parse_call(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    args = value.get("arguments", value.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return {"function": {"name": value["name"], "arguments": args}}
-
-
-def _runner_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tool calls the runner parsed itself ({"name", "arguments"}), in Ollama's shape."""
-    raw = done.get("tool_calls")
-    if not isinstance(raw, list):
-        return []
-    return [{"function": {"name": c["name"], "arguments": c.get("arguments") or {}}}
-            for c in raw if isinstance(c, dict) and isinstance(c.get("name"), str)]
-
-
-class ToolCallFilter:
-    """Splits streamed text into visible content and parsed tool calls.
-
-    Text that might start a `<tool_call>` tag is held back until it is clear;
-    a block that is not valid JSON is passed through as text.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = ""
-
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        self.buffer += text
-        visible, calls = "", list[dict[str, Any]]()
-        while True:
-            start = self.buffer.find(_OPEN)
-            if start < 0:
-                # keep a suffix that could be the beginning of the open tag
-                keep = next((k for k in range(len(_OPEN) - 1, 0, -1)
-                             if self.buffer.endswith(_OPEN[:k])), 0)
-                cut = len(self.buffer) - keep
-                visible += self.buffer[:cut]
-                self.buffer = self.buffer[cut:]
-                return visible, calls
-            end = self.buffer.find(_CLOSE, start)
-            if end < 0:
-                visible += self.buffer[:start]
-                self.buffer = self.buffer[start:]
-                return visible, calls
-            block = self.buffer[start + len(_OPEN):end]
-            call = _parse_call(block.strip())
-            if call is None:
-                visible += self.buffer[:end + len(_CLOSE)]
-            else:
-                visible += self.buffer[:start]
-                calls.append(call)
-            self.buffer = self.buffer[end + len(_CLOSE):]
-
-    def flush(self) -> str:
-        rest, self.buffer = self.buffer, ""
-        return rest
-
-
 # ---- generation ----------------------------------------------------------
 
 
@@ -276,10 +171,10 @@ class Generation:
     def __init__(self, ctx: AppContext, body: dict[str, Any], *, chat: bool) -> None:
         self.started = time.monotonic()
         self.chat = chat
-        self.model = _model_field(body)
-        self.stream = _bool_field(body, "stream", True)
+        self.model = model_field(body)
+        self.stream = bool_field(body, "stream", True)
         _refuse_unsupported(body)
-        self.keep_alive = _keep_alive(body)
+        self.keep_alive = keep_alive_field(body)
         self.options, self.num_ctx = _sampling(body)
         self.tools = _tools(body) if chat else None
         self.runner_body: dict[str, Any] = {"options": self.options}
@@ -290,9 +185,9 @@ class Generation:
             if self.tools:
                 self.runner_body["tools"] = self.tools
         else:
-            prompt = _str_field(body, "prompt")
-            system = _str_field(body, "system")
-            raw = _bool_field(body, "raw", False)
+            prompt = str_field(body, "prompt")
+            system = str_field(body, "system")
+            raw = bool_field(body, "raw", False)
             self.empty = prompt == ""
             if raw:
                 self.runner_body["prompt"] = prompt
@@ -392,7 +287,7 @@ class Generation:
                     if event.get("done"):
                         text += tools.flush()
                 if event.get("done"):
-                    calls += _runner_calls(event)
+                    calls += runner_calls(event)
                     if text or calls:
                         yield _dump(self.line(text, done=False, calls=calls))
                     yield _dump(self.final(event, lease.load_duration))
@@ -421,7 +316,7 @@ class Generation:
                     f = ToolCallFilter()
                     text, calls = f.feed(text)
                     text += f.flush()
-                calls += _runner_calls(event)
+                calls += runner_calls(event)
                 return self.final(event, lease.load_duration, text, calls)
         raise RunnerFailed("the model's stream ended without a final line")
 
@@ -621,7 +516,7 @@ def show_payload(ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
 async def show(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    ref = ctx.store.resolve(_model_field(body, "model", "name"))
+    ref = ctx.store.resolve(model_field(body, "model", "name"))
     try:
         manifest = ctx.store.manifest(ref)
     except ValueError as e:
@@ -635,7 +530,7 @@ async def show(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    ref = ctx.store.resolve(_model_field(body, "model", "name"))
+    ref = ctx.store.resolve(model_field(body, "model", "name"))
     # A loaded model is stopped first, so its runner does not keep files in use.
     await ctx.scheduler.unload(ref.name)
     await anyio.to_thread.run_sync(ctx.store.delete, ref.name)
@@ -645,8 +540,8 @@ async def delete(request: Request) -> Response:
 async def copy(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    src = _model_field(body, "source")
-    dst = _model_field(body, "destination")
+    src = model_field(body, "source")
+    dst = model_field(body, "destination")
     await anyio.to_thread.run_sync(ctx.store.copy, src, dst)
     return Response(status_code=200)
 

@@ -35,8 +35,9 @@ from starlette.routing import BaseRoute, Route
 
 from runner.protocol import OptionError, options_to_wire, parse_options
 from supervisor.api.context import AppContext
+from supervisor.api.fields import bool_field, keep_alive_field, model_field
+from supervisor.api.toolcalls import text_tool_calls, tool_call_out
 from supervisor.app import read_json
-from supervisor.config import parse_keep_alive
 from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
 from supervisor.scheduler import Lease
 
@@ -59,29 +60,6 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-def model_field(body: dict[str, Any]) -> str:
-    value = body.get("model")
-    if value is None:
-        raise BadRequest("'model' is required", param="model")
-    if not isinstance(value, str) or not value.strip():
-        raise BadRequest("'model' must be a non-empty string", param="model")
-    return value
-
-
-def keep_alive_field(body: dict[str, Any]) -> float | None:
-    raw = body.get("keep_alive")
-    return None if raw is None else parse_keep_alive(raw)
-
-
-def bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise BadRequest(f"'{key}' must be a boolean", param=key)
-    return value
-
-
 def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
     """Validate Ollama-named options; `params` maps an option back to the request field
     it came from, so a 400 names the field the client sent."""
@@ -93,30 +71,6 @@ def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
             if f"'{opt}'" in message:
                 raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
         raise BadRequest(message) from None
-
-
-def tool_call_out(call: dict[str, Any]) -> tuple[str, Any] | None:
-    """(name, arguments) from the runner's {"name","arguments"} or Ollama's {"function": {...}}."""
-    inner = call.get("function")
-    fn: dict[str, Any] = inner if isinstance(inner, dict) else call
-    name = fn.get("name")
-    if not isinstance(name, str):
-        return None
-    args = fn.get("arguments", fn.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            pass
-    return name, args
-
-
-def text_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """Split `<tool_call>` blocks out of generated text (the Ollama routes' parser)."""
-    ollama = importlib.import_module("supervisor.api.ollama")
-    f = ollama.ToolCallFilter()
-    visible, calls = f.feed(text)
-    return visible + f.flush(), list(calls)
 
 
 async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
