@@ -53,10 +53,13 @@ class RunnerClient:
         if self._http.is_closed:
             raise RunnerFailed("runner has exited")
 
-    async def _post(self, route: str, body: dict[str, Any]) -> Any:
+    async def _request(self, method: str, route: str, body: dict[str, Any] | None = None,
+                       timeout: float | None = None) -> Any:
+        """A JSON route: transport failures are RunnerFailed, 4xx BadRequest, 5xx RunnerFailed."""
         self._check_open()
         try:
-            resp = await self._http.post(route, json=body)
+            resp = await self._http.request(method, route, json=body,
+                                            timeout=self._timeout if timeout is None else timeout)
         except httpx.HTTPError as e:
             raise RunnerFailed(f"runner unreachable: {e}") from e
         _raise_for(resp)
@@ -72,21 +75,15 @@ class RunnerClient:
         return resp.status_code == 200
 
     async def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        self._check_open()
-        try:
-            resp = await self._http.get(ROUTE_STATUS, timeout=timeout)
-        except httpx.HTTPError as e:
-            raise RunnerFailed(f"runner unreachable: {e}") from e
-        _raise_for(resp)
-        data = resp.json()
+        data = await self._request("GET", ROUTE_STATUS, timeout=timeout)
         return data if isinstance(data, dict) else {}
 
     async def tokenize(self, text: str) -> list[int]:
-        data = await self._post(ROUTE_TOKENIZE, {"content": text})
+        data = await self._request("POST", ROUTE_TOKENIZE, {"content": text})
         return [int(t) for t in data["tokens"]]
 
     async def detokenize(self, tokens: list[int]) -> str:
-        data = await self._post(ROUTE_DETOKENIZE, {"tokens": tokens})
+        data = await self._request("POST", ROUTE_DETOKENIZE, {"tokens": tokens})
         return str(data["content"])
 
     async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:

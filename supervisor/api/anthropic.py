@@ -29,20 +29,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from supervisor.api.context import AppContext
 from supervisor.api.fields import bool_field, keep_alive_field, model_field
 from supervisor.api.openai import (
-    SSE,
     abandon,
     new_id,
+    respond,
     sse,
     start_completion,
     wire_options,
 )
-from supervisor.api.toolcalls import text_tool_calls, tool_call_out
+from supervisor.api.toolcalls import calls_from, tool_call_out
 from supervisor.app import read_json
 from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
 from supervisor.scheduler import Lease
@@ -257,18 +257,10 @@ class MessageRequest:
     async def respond(self) -> Response:
         local = _resolve_model(self.ctx, self.model)
         lease, lines = await start_completion(self.ctx, local, self.keep_alive, self.runner_body)
-        if self.stream:
-            return StreamingResponse(self._stream(lease, lines), media_type=SSE,
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            return JSONResponse(await self._collect(lines))
-        finally:
-            await abandon(lease, lines)
+        return await respond(lease, lines, stream=self.stream, events=self._stream, collect=self._collect)
 
     def _calls(self, text: str, done: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-        raw = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
-        if self.tools and not raw:
-            text, raw = text_tool_calls(text)
+        text, raw = calls_from(text, done, tools_given=bool(self.tools))
         blocks = []
         for call in raw:
             parsed = tool_call_out(call)

@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 from runner.protocol import OptionError, options_to_wire, parse_options
 from supervisor.api.context import AppContext
 from supervisor.api.fields import bool_field, keep_alive_field, model_field
-from supervisor.api.toolcalls import text_tool_calls, tool_call_out
+from supervisor.api.toolcalls import calls_from, tool_call_out
 from supervisor.app import read_json
 from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
 from supervisor.scheduler import Lease
@@ -98,6 +98,24 @@ async def abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:
         if aclose is not None:
             await aclose()
         await lease.release()
+
+
+async def respond(
+    lease: Lease,
+    lines: AsyncIterator[dict[str, Any]],
+    *,
+    stream: bool,
+    events: Callable[[Lease, AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]],
+    collect: Callable[[AsyncIterator[dict[str, Any]]], Awaitable[dict[str, Any]]],
+) -> Response:
+    """The answer to a started completion: an SSE stream (which releases the lease
+    when it ends) or one JSON body (the lease released here)."""
+    if stream:
+        return StreamingResponse(events(lease, lines), media_type=SSE, headers={"Cache-Control": "no-cache"})
+    try:
+        return JSONResponse(await collect(lines))
+    finally:
+        await abandon(lease, lines)
 
 
 async def start_completion(
@@ -381,21 +399,9 @@ class Completion:
 
     async def respond(self) -> Response:
         lease, lines = await start_completion(self.ctx, self.model, self.keep_alive, self.runner_body)
-        if self.stream:
-            return StreamingResponse(self._stream(lease, lines), media_type=SSE,
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            return JSONResponse(await self._collect(lines))
-        finally:
-            await abandon(lease, lines)
+        return await respond(lease, lines, stream=self.stream, events=self._stream, collect=self._collect)
 
     # -- non-streaming
-
-    def _split_calls(self, text: str, done: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-        calls = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
-        if self.tools and not calls:
-            text, calls = text_tool_calls(text)
-        return text, calls
 
     async def _collect(self, lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
         parts: list[str] = []
@@ -410,7 +416,7 @@ class Completion:
     def _result(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
         out = self._envelope(self.object)
         if self.chat:
-            text, calls = self._split_calls(text, done)
+            text, calls = calls_from(text, done, tools_given=bool(self.tools))
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             tool_calls = _openai_calls(calls)
             if tool_calls:
@@ -467,7 +473,7 @@ class Completion:
         chunks: list[bytes] = []
         calls: list[dict[str, Any]] = []
         if self.chat:
-            text, raw_calls = self._split_calls(held, done)
+            text, raw_calls = calls_from(held, done, tools_given=bool(self.tools))
             calls = _openai_calls(raw_calls)
             if text:
                 chunks.append(self._text_chunk(text))

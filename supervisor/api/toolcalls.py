@@ -104,3 +104,13 @@ def text_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     f = ToolCallFilter()
     visible, calls = f.feed(text)
     return visible + f.flush(), list(calls)
+
+
+def calls_from(text: str, done: dict[str, Any], *, tools_given: bool) -> tuple[str, list[dict[str, Any]]]:
+    """(visible text, raw calls) for a whole answer: the runner's own parse from its
+    done line when it made one, else `<tool_call>` blocks split out of the text
+    (only when the request offered tools)."""
+    calls = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
+    if tools_given and not calls:
+        text, calls = text_tool_calls(text)
+    return text, calls
