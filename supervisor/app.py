@@ -1,17 +1,16 @@
 """The Starlette application: routes of every API family, errors, body limits, lifespan.
 
 Errors are rendered per API family so each official client sees the shape it
-expects: paths under /v1/messages are Anthropic's, other /v1/ paths OpenAI's,
-everything else (/api/*, /) Ollama's `{"error": msg}`. The status always comes
-from supervisor.errors.
+expects: paths under /v1/messages are Anthropic's, other /v1/ paths OpenAI's
+(each module's render_error), everything else (/api/*, /) Ollama's
+`{"error": msg}`. The status always comes from supervisor.errors.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,7 +31,6 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 """Largest request body accepted; bigger ones get 413 before being read in full."""
 
 Family = str  # "ollama" | "openai" | "anthropic"
-ErrorRenderer = Callable[[CorralError], Response]
 
 
 def family_for_path(path: str) -> Family:
@@ -47,38 +45,21 @@ def _ollama_error(exc: CorralError) -> Response:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
 
 
-def _openai_error(exc: CorralError) -> Response:
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": exc.openai_type,
-            "param": getattr(exc, "param", None),
-            "code": None,
-        }
-    }
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
-
-
-def _anthropic_error(exc: CorralError) -> Response:
-    body = {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
-
-
-# Defaults; an API module that exports `render_error(exc) -> Response` replaces its family's.
-_RENDERERS: dict[Family, ErrorRenderer] = {
-    "ollama": _ollama_error,
-    "openai": _openai_error,
-    "anthropic": _anthropic_error,
-}
-
-
-def register_error_renderer(family: Family, renderer: ErrorRenderer) -> None:
-    _RENDERERS[family] = renderer
-
-
 def error_response(exc: CorralError, family: Family) -> Response:
-    """The error as `family`'s clients expect it, with the status from supervisor.errors."""
-    return _RENDERERS.get(family, _ollama_error)(exc)
+    """The error as `family`'s clients expect it, with the status from supervisor.errors.
+
+    Each family module renders its own shape; imported here, not at the top,
+    because those modules import this one (read_json).
+    """
+    if family == "openai":
+        from supervisor.api import openai
+
+        return openai.render_error(exc)
+    if family == "anthropic":
+        from supervisor.api import anthropic
+
+        return anthropic.render_error(exc)
+    return _ollama_error(exc)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -177,43 +158,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error, family_for_path(request.url.path))
 
 
-def _optional_module(name: str) -> Any:
-    """An API module by another part of the project; absent ones are skipped."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        log.debug("module %s not present; its routes are not served", name)
-        return None
-
-
 def collect_routes(ctx: AppContext) -> list[BaseRoute]:
-    from supervisor.api import ollama
+    from supervisor.api import anthropic, manage, ollama, openai
 
-    routes: list[BaseRoute] = []
-    for family, modname in (("openai", "supervisor.api.openai"),
-                            ("anthropic", "supervisor.api.anthropic")):
-        module = _optional_module(modname)
-        if module is None:
-            continue
-        if hasattr(module, "render_error"):
-            register_error_renderer(family, module.render_error)
-        routes.extend(module.routes(ctx))
-    manage = _optional_module("supervisor.api.manage")
-    if manage is not None:
-        routes.extend(manage.routes(ctx))
     # Ollama's last: it owns "/" and its routes never shadow the others'.
-    routes.extend(ollama.routes(ctx))
-    return routes
+    return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *ollama.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:
-    stack = [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware)]
-    access = _optional_module("supervisor.api.access")
-    if access is not None:
-        stack.extend(access.middleware(ctx.settings))
-    return stack
+    from supervisor.api import access
+
+    return [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware), *access.middleware(ctx.settings)]
 
 
 def create_app(ctx: AppContext) -> Starlette:
