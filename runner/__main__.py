@@ -1,4 +1,4 @@
-"""`python -m runner --model DIR --port N`: serve one model over loopback HTTP.
+"""`python -m corral.runner --model DIR --port N`: serve one model over loopback HTTP.
 
 The model directory is checked cheaply before mlx is imported, so a broken
 model fails within seconds with one readable line on stderr.
@@ -26,14 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner.lifecycle import die_with_parent, hard_exit_after
-from runner.precheck import ModelDirError, check_model_dir, default_num_ctx
-from runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
+from corral.runner.lifecycle import die_with_parent, hard_exit_after
+from corral.runner.precheck import ModelDirError, check_model_dir, default_num_ctx
+from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
 
 if TYPE_CHECKING:  # heavy imports only after the model dir checks out
     import uvicorn
-
-    from runner.server import RunnerApp
+    from corral.runner.routes import RunnerApp
 
 log = logging.getLogger("runner")
 
@@ -42,7 +41,7 @@ SHUTDOWN_GRACE_S = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runner", description="Serve one MLX model over HTTP.")
+    p = argparse.ArgumentParser(prog="python -m corral.runner", description="Serve one MLX model over HTTP.")
     p.add_argument("--model", required=True,
                    help="model directory (config.json, *.safetensors, tokenizer); '-': standby, read it on stdin")
     p.add_argument("--port", type=int, required=True)
@@ -81,10 +80,9 @@ STANDBY = "-"
 
 def await_assignment(args: argparse.Namespace) -> None:
     """Standby: import what loading needs, then take the model from stdin into `args`."""
+    import corral.runner.engine
+    import corral.runner.routes  # noqa: F401
     import mlx_lm  # noqa: F401  (the slow import this mode exists to get done early)
-
-    import runner.engine
-    import runner.server  # noqa: F401
 
     log.info("standby: imports done, waiting for a model on stdin")
     line = sys.stdin.readline()
@@ -121,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     model, tokenizer = load(model_dir)
-    from runner.engine import Engine
-    from runner.server import RunnerApp
+    from corral.runner.engine import Engine
+    from corral.runner.routes import RunnerApp
 
     engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel)
     engine.start()

@@ -18,11 +18,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
+from corral.runner.sampling import make_processors, make_sampler
+from corral.runner.stops import StopMatcher
 from mlx_lm.generate import BatchGenerator
-
-from runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
-from runner.sampling import make_processors, make_sampler
-from runner.stops import StopMatcher
 
 log = logging.getLogger("runner")
 

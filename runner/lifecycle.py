@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from runner.protocol import PARENT_PID_ENV
+from corral.runner.protocol import PARENT_PID_ENV
 
 log = logging.getLogger("runner")
 

@@ -12,9 +12,8 @@ import os
 from collections.abc import Callable
 
 import mlx.core as mx
+from corral.runner.protocol import SamplingOptions
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
-
-from runner.protocol import SamplingOptions
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

@@ -60,7 +60,7 @@ def make_model(out: Path, hidden: int, layers: int) -> Path:
 def start_runner(model: Path, num_parallel: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "--model", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "corral.runner", "--model", str(model), "--port", str(port),
                              "--num-parallel", str(num_parallel)], cwd=ROOT, stderr=log.open("wb"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -35,7 +35,7 @@ def current_rss() -> int:
 
 def peak_rss() -> int:
     # The runner's own measure, so calibration and the runner agree (VmHWM on Linux).
-    from runner.server import peak_rss_bytes
+    from corral.runner.routes import peak_rss_bytes
 
     return peak_rss_bytes()
 

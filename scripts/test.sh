@@ -10,6 +10,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[test]"
-"$VENV/bin/python" -m ruff check runner supervisor scripts tests
+"$VENV/bin/python" -m ruff check corral runner supervisor scripts tests
+# mypy sees the installed names (corral.supervisor, corral.runner) through links.
+mkdir -p .typecheck/corral
+ln -sfn ../../supervisor .typecheck/corral/supervisor
+ln -sfn ../../runner .typecheck/corral/runner
+ln -sfn ../../corral/__init__.py .typecheck/corral/__init__.py
 "$VENV/bin/python" -m mypy
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

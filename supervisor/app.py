@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.errors import BadRequest, CorralError, PayloadTooLarge
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -21,9 +23,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from supervisor.api.context import AppContext
-from supervisor.errors import BadRequest, CorralError, PayloadTooLarge
 
 log = logging.getLogger("corral")
 
@@ -52,11 +51,11 @@ def error_response(exc: CorralError, family: Family) -> Response:
     because those modules import this one (read_json).
     """
     if family == "openai":
-        from supervisor.api import openai
+        from corral.supervisor.api import openai
 
         return openai.render_error(exc)
     if family == "anthropic":
-        from supervisor.api import anthropic
+        from corral.supervisor.api import anthropic
 
         return anthropic.render_error(exc)
     return _ollama_error(exc)
@@ -159,14 +158,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def collect_routes(ctx: AppContext) -> list[BaseRoute]:
-    from supervisor.api import anthropic, manage, ollama, openai
+    from corral.supervisor.api import anthropic, manage, ollama, openai
 
     # Ollama's last: it owns "/" and its routes never shadow the others'.
     return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *ollama.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:
-    from supervisor.api import access
+    from corral.supervisor.api import access
 
     return [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware), *access.middleware(ctx.settings)]
 

@@ -1,7 +1,7 @@
 """The `corral` command.
 
 Every command but `serve` is a client of the server's HTTP API at
-CORRAL_HOST (supervisor.client). Errors are one line on stderr and a
+CORRAL_HOST (supervisor.cli_client). Errors are one line on stderr and a
 non-zero exit status (see EXIT_CODES), so scripts can rely on them.
 """
 
@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from supervisor.client import CannotConnect, ClientError, CorralClient, ServerError
+from corral.supervisor.cli_client import CannotConnect, ClientError, CorralClient, ServerError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -236,7 +236,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    import supervisor
+    import corral.supervisor as supervisor
 
     try:
         with _client(args) as c:
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--version", action="store_true", help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from supervisor import server
+    from corral.supervisor import serve as server
 
     serve = sub.add_parser("serve", help="start the server")
     server.add_serve_arguments(serve)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from supervisor.errors import BadRequest
+from corral.supervisor.errors import BadRequest
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -49,7 +49,7 @@ num_parallel sequences whose prompt + output fill num_ctx exactly):
 
 ("baseline" = RSS right after loading, which includes the weights.)
 
-The same through the real runner (python -m runner --num-ctx C
+The same through the real runner (python -m corral.runner --num-ctx C
 --num-parallel P, P concurrent /completion requests each filling C tokens,
 then GET /status memory.peak_rss):
 
@@ -76,8 +76,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil
-
-from supervisor.manifest import Manifest
+from corral.supervisor.manifest import Manifest
 
 MiB = 1024 * 1024
 RUNTIME_BYTES = 110 * MiB

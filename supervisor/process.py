@@ -5,7 +5,7 @@ RunnerProcess is the one owner of a runner's state; every change goes through
 (STOPPING -> STOPPED), not a side effect. The runner lives in its own process
 group (start_new_session) so SIGTERM/SIGKILL reach anything it spawned.
 
-A runner may start as a standby (`python -m runner --model -`): spawned ahead
+A runner may start as a standby (`python -m corral.runner --model -`): spawned ahead
 of need so its imports are done, then adopted for a model, which it reads on
 stdin (`adopt` + `start`). StandbyFactory keeps one such process ready, so a
 cold load skips interpreter start and the mlx_lm/transformers imports.
@@ -34,15 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from runner.protocol import PARENT_PID_ENV, TOKEN_ENV
-from supervisor.errors import LoadTimeout, RunnerFailed
-from supervisor.runner_client import RunnerClient
+from corral.runner.protocol import PARENT_PID_ENV, TOKEN_ENV
+from corral.supervisor.errors import LoadTimeout, RunnerFailed
+from corral.supervisor.runner_client import RunnerClient
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
-DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "runner")
+DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
 
 
 class RunnerState(enum.Enum):
@@ -348,7 +347,7 @@ def cleanup_orphans(home: Path) -> list[int]:
 class StandbyFactory:
     """Builds runners, keeping one standby process ready to adopt the next model.
 
-    `python -m runner` spends most of a small model's cold start importing
+    `python -m corral.runner` spends most of a small model's cold start importing
     mlx_lm and transformers. A standby does that ahead of need, so a load only
     pays for reading weights. One spare costs one idle interpreter (~85 MB
     RSS on the CPU backend); it is refilled in the background after each use.

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supervisor.errors import CorralError, PullFailed
-from supervisor.store import default_hf_cache, normalize_name, supported_model_type
+from corral.supervisor.errors import CorralError, PullFailed
+from corral.supervisor.store import default_hf_cache, normalize_name, supported_model_type
 
 if TYPE_CHECKING:
-    from supervisor.api.context import AppContext
+    from corral.supervisor.api.context import AppContext
 
 log = logging.getLogger("corral")
 
@@ -312,7 +312,7 @@ async def _download_with_progress(plan: PullPlan, f: RepoFile) -> AsyncIterator[
 
 
 def _check_model_dir(plan: PullPlan) -> None:
-    from supervisor.manifest import ManifestError, read_manifest
+    from corral.supervisor.manifest import ManifestError, read_manifest
 
     assert plan.snapshot is not None
     try:

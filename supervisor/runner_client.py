@@ -7,15 +7,14 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
-
-from runner.protocol import (
+from corral.runner.protocol import (
     ROUTE_COMPLETION,
     ROUTE_DETOKENIZE,
     ROUTE_HEALTH,
     ROUTE_STATUS,
     ROUTE_TOKENIZE,
 )
-from supervisor.errors import BadRequest, RunnerFailed
+from corral.supervisor.errors import BadRequest, RunnerFailed
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -32,13 +32,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from supervisor import policy
-from supervisor.config import Settings
-from supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
-from supervisor.manifest import Manifest
-from supervisor.memory import MemoryProbe, NeedEstimate, SystemMemoryProbe, estimate_need, footprint
-from supervisor.process import RunnerProcess, RunnerState, StandbyFactory, cleanup_orphans
-from supervisor.store import ModelRef, normalize_name
+from corral.supervisor import policy
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
+from corral.supervisor.manifest import Manifest
+from corral.supervisor.memory import (
+    MemoryProbe,
+    NeedEstimate,
+    SystemMemoryProbe,
+    estimate_need,
+    footprint,
+)
+from corral.supervisor.process import RunnerProcess, RunnerState, StandbyFactory, cleanup_orphans
+from corral.supervisor.store import ModelRef, normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +250,7 @@ class Scheduler:
             refill()
         for name in list(self.settings.pinned):
             try:
-                lease = await self.acquire(name)
+                lease = await self.acquire(await self.resolve(name))
             except CorralError as e:
                 log.error("could not load pinned model %s: %s", name, e.message)
                 continue
@@ -276,10 +282,14 @@ class Scheduler:
 
     # -- public -------------------------------------------------------------
 
+    async def resolve(self, name: str) -> ModelRef:
+        """The store's ModelRef for `name` (file access off the event loop)."""
+        return await asyncio.to_thread(self.store.resolve, name)
+
     async def acquire(
-        self, name: str, *, keep_alive: float | None = None, num_ctx: int | None = None
+        self, ref: ModelRef, *, keep_alive: float | None = None, num_ctx: int | None = None
     ) -> Lease:
-        """Make `name` ready (loading once however many requests race) and lease it.
+        """Make the model `ref` ready (loading once however many requests race) and lease it.
 
         keep_alive: seconds (already parsed; < 0 forever; None = settings default),
         applied when the lease is released. Raises InvalidModelName, ModelNotFound,
@@ -288,7 +298,6 @@ class Scheduler:
         """
         if self._closing:
             raise Busy("server is shutting down")
-        ref = await asyncio.to_thread(self.store.resolve, name)
         entry = self._table.get(ref.name)
         if entry is not None and self._leasable(entry) and not self._queued_for(ref.name):
             self._grant(entry)

@@ -28,8 +28,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
-from supervisor.manifest import Manifest, ManifestError, read_config, read_manifest, weight_files
+from corral.supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from corral.supervisor.manifest import (
+    Manifest,
+    ManifestError,
+    read_config,
+    read_manifest,
+    weight_files,
+)
 
 REGISTRY_FILE = "models.json"
 MAX_NAME_LEN = 256

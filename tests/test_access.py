@@ -11,10 +11,10 @@ import httpx
 import httpx2
 import openai
 import pytest
+from corral.supervisor.api.access import key_matches, origin_regex
+from corral.supervisor.app import create_app
+from corral.supervisor.config import Settings
 
-from supervisor.api.access import key_matches, origin_regex
-from supervisor.app import create_app
-from supervisor.config import Settings
 from tests.support.fake_scheduler import FakeScheduler, FakeStore, fake_context
 
 TINY = "corral-test/tiny"

@@ -11,12 +11,12 @@ import anthropic
 import httpx
 import httpx2
 import pytest
+from corral.runner.protocol import chunk_line, done_line
+from corral.supervisor.api.anthropic import StopScanner
+from corral.supervisor.app import create_app
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import Busy
 
-from runner.protocol import chunk_line, done_line
-from supervisor.api.anthropic import StopScanner
-from supervisor.app import create_app
-from supervisor.config import Settings
-from supervisor.errors import Busy
 from tests.support.fake_scheduler import (
     FakeScheduler,
     FakeStore,

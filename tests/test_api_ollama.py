@@ -15,14 +15,14 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from corral.runner.protocol import chunk_line, done_line
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.toolcalls import ToolCallFilter
+from corral.supervisor.app import MAX_BODY_BYTES, create_app
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import Busy, InsufficientMemory, RunnerFailed
+from corral.supervisor.store import ModelRef
 
-from runner.protocol import chunk_line, done_line
-from supervisor.api.context import AppContext
-from supervisor.api.toolcalls import ToolCallFilter
-from supervisor.app import MAX_BODY_BYTES, create_app
-from supervisor.config import Settings
-from supervisor.errors import Busy, InsufficientMemory, RunnerFailed
-from supervisor.store import ModelRef
 from tests.support.fake_scheduler import (
     FakeScheduler,
     FakeStore,
@@ -452,7 +452,7 @@ async def test_lifespan_starts_and_stops_the_scheduler(parts: Any) -> None:
 
 async def test_unknown_model_is_pulled_once_when_allowed(client: httpx.AsyncClient, parts: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    pull = pytest.importorskip("supervisor.pull")
+    pull = pytest.importorskip("corral.supervisor.pull")
     store = parts[0]
     asked: list[str] = []
 
@@ -472,7 +472,7 @@ async def test_unknown_model_is_pulled_once_when_allowed(client: httpx.AsyncClie
 
 
 async def test_tags_and_show_with_the_real_store(hf_cache: Path, tmp_path: Path) -> None:
-    from supervisor.store import ModelStore
+    from corral.supervisor.store import ModelStore
 
     store = ModelStore(tmp_path / "home", hf_cache=hf_cache)
     sched = FakeScheduler(store)  # type: ignore[arg-type]

@@ -10,11 +10,11 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from corral.runner.protocol import chunk_line, done_line
+from corral.supervisor.app import create_app
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import Busy, InsufficientMemory
 
-from runner.protocol import chunk_line, done_line
-from supervisor.app import create_app
-from supervisor.config import Settings
-from supervisor.errors import Busy, InsufficientMemory
 from tests.support.fake_scheduler import (
     FakeScheduler,
     FakeStore,

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import TINY, TINY_B
 from tests.support.fake_hub import FakeHub
-from tests.support.server import ROOT, ServerProcess, free_port
+from tests.support.live_server import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
 

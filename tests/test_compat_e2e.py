@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import TINY, TINY_B
-from tests.support.server import ServerProcess
+from tests.support.live_server import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+from corral.supervisor.app import create_app
+from corral.supervisor.config import Settings, load_settings
+from corral.supervisor.errors import BadRequest
+from corral.supervisor.serve import add_serve_arguments, flags_from_args
 
-from supervisor.app import create_app
-from supervisor.config import Settings, load_settings
-from supervisor.errors import BadRequest
-from supervisor.server import add_serve_arguments, flags_from_args
 from tests.support.fake_scheduler import FakeScheduler, FakeStore, fake_context
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The layering rules of DESIGN.md: the supervisor never imports mlx, the runner never imports the supervisor."""
+"""The layering rules: the supervisor never imports mlx, the runner never imports the supervisor."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ def test_supervisor_never_imports_mlx() -> None:
     # Import every supervisor module in a fresh interpreter, then look at sys.modules:
     # an indirect import (through transformers, say) counts too.
     modules = sorted(
-        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        ".".join(("corral", *p.relative_to(ROOT).with_suffix("").parts))
         for p in (ROOT / "supervisor").rglob("*.py")
         if p.name != "__main__.py"
     )
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'transformers', 'runner.engine'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'transformers') or m == 'corral.runner.engine')\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -38,4 +38,4 @@ def test_runner_never_imports_supervisor() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             for name in names:
-                assert not name.startswith("supervisor"), f"{path.name} imports {name}"
+                assert not name.startswith(("corral.supervisor", "supervisor")), f"{path.name} imports {name}"

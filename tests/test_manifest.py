@@ -10,8 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
-
-from supervisor.manifest import (
+from corral.supervisor.manifest import (
     DEFAULT_CONTEXT,
     Manifest,
     ManifestError,
@@ -269,7 +268,7 @@ def test_quantized_dtype_is_that_of_the_scales(tmp_path: Path) -> None:
 
 
 def test_count_parameters_unpacks_only_quantized_weights() -> None:
-    from supervisor.manifest import TensorInfo
+    from corral.supervisor.manifest import TensorInfo
 
     # A uint32 buffer that is not a layer's weight is counted as stored.
     assert count_parameters([TensorInfo("ids", "U32", (10,), 40)], 4) == 10

@@ -23,9 +23,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-
-from supervisor.manifest import read_manifest
-from supervisor.memory import (
+from corral.supervisor.manifest import read_manifest
+from corral.supervisor.memory import (
     RUNTIME_BYTES,
     NeedEstimate,
     SystemMemoryProbe,
@@ -33,6 +32,7 @@ from supervisor.memory import (
     footprint,
     reported_bytes,
 )
+
 from tests.support.models import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def runner(model_dir: Path) -> Iterator[tuple[Path, str]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "CORRAL_RUNNER_TOKEN"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "--model", str(model_dir), "--port", str(port),
+        [sys.executable, "-m", "corral.runner", "--model", str(model_dir), "--port", str(port),
          "--num-ctx", str(NUM_CTX), "--num-parallel", str(NUM_PARALLEL)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from supervisor.policy import Decision, Resident, Snapshot, Verdict, decide
+from corral.supervisor.policy import Decision, Resident, Snapshot, Verdict, decide
 
 G = 1024**3
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from supervisor.errors import BadRequest, LoadTimeout, RunnerFailed
-from supervisor.process import RunnerProcess, RunnerState, cleanup_orphans, free_port
+from corral.supervisor.errors import BadRequest, LoadTimeout, RunnerFailed
+from corral.supervisor.process import RunnerProcess, RunnerState, cleanup_orphans, free_port
 
 FAKE = str(Path(__file__).with_name("fake_runner.py"))
 

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import ollama
 import pytest
+from corral.supervisor import pull as pulling
+from corral.supervisor.errors import CorralError, InvalidModelName, PullFailed
 
-from supervisor import pull as pulling
-from supervisor.errors import CorralError, InvalidModelName, PullFailed
 from tests.support.fake_hub import FakeHub
+from tests.support.live_server import ServerProcess
 from tests.support.models import make_model
-from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -188,9 +188,10 @@ def test_allow_pull_patterns(patterns: str | None, repo: str, allowed: bool) -> 
 
 @pytest.fixture
 async def app_client(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    from supervisor.app import create_app
-    from supervisor.config import Settings
-    from supervisor.store import ModelStore
+    from corral.supervisor.app import create_app
+    from corral.supervisor.config import Settings
+    from corral.supervisor.store import ModelStore
+
     from tests.support.fake_scheduler import FakeScheduler, fake_context, text_script
 
     store = ModelStore(tmp_path / "home", tmp_path / "hub")

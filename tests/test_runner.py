@@ -1,4 +1,4 @@
-"""End-to-end tests of the runner: a real `python -m runner` subprocess on a
+"""End-to-end tests of the runner: a real `python -m corral.runner` subprocess on a
 generated model, compared against mlx_lm in this process.
 
 One runner serves the whole module (each start costs ~2 s). Helpers here
@@ -40,7 +40,7 @@ class RunnerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"runner-{self.port}.log"
-        self.cmd = [sys.executable, "-m", "runner", "--model", str(model), "--port", str(self.port), *args]
+        self.cmd = [sys.executable, "-m", "corral.runner", "--model", str(model), "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 

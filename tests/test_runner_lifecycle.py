@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from corral.runner.tools import ToolCallSplitter
 
-from runner.tools import ToolCallSplitter
 from tests.test_runner import ROOT, RunnerProcess, free_port, stream, wait_for
 
 TOKEN = "s3cret-token"
@@ -74,7 +74,7 @@ def test_exits_when_parent_is_sigkilled(tiny_model: Path, tmp_path: Path) -> Non
     # A throwaway parent that starts the runner, reports its pid, then waits.
     parent_code = (
         "import subprocess, sys, time\n"
-        f"p = subprocess.Popen([sys.executable, '-m', 'runner', '--model', {str(tiny_model)!r},"
+        f"p = subprocess.Popen([sys.executable, '-m', 'corral.runner', '--model', {str(tiny_model)!r},"
         f" '--port', '{port}'], stderr=open({str(tmp_path / 'runner.log')!r}, 'wb'))\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
@@ -171,7 +171,7 @@ def test_broken_model_dir_exits_with_one_line(tiny_model: Path, tmp_path: Path, 
     shutil.copytree(tiny_model, d)
     corrupt(d)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "runner", "--model", str(d), "--port", str(free_port())],
+    p = subprocess.run([sys.executable, "-m", "corral.runner", "--model", str(d), "--port", str(free_port())],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     assert time.monotonic() - t0 < 30

@@ -9,9 +9,8 @@ import json
 from typing import Any
 
 import pytest
-
-from runner.stops import StopMatcher
-from runner.tools import ToolCallSplitter
+from corral.runner.stops import StopMatcher
+from corral.runner.tools import ToolCallSplitter
 
 
 def feed_all(m: StopMatcher, pieces: list[str]) -> str:

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from supervisor.config import Settings
-from supervisor.errors import Busy, InsufficientMemory, LoadTimeout, ModelNotFound, RunnerFailed
-from supervisor.manifest import Manifest
-from supervisor.memory import NeedEstimate
-from supervisor.process import RunnerProcess
-from supervisor.scheduler import Lease, RunnerSpec, Scheduler
-from supervisor.store import ModelRef
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import (
+    Busy,
+    InsufficientMemory,
+    LoadTimeout,
+    ModelNotFound,
+    RunnerFailed,
+)
+from corral.supervisor.manifest import Manifest
+from corral.supervisor.memory import NeedEstimate
+from corral.supervisor.process import RunnerProcess
+from corral.supervisor.scheduler import Lease, RunnerSpec, Scheduler
+from corral.supervisor.store import ModelRef
 
 FAKE = str(Path(__file__).with_name("fake_runner.py"))
 GB = 1000**3
@@ -80,6 +85,9 @@ class World:
         self.processes.append(p)
         return p
 
+    async def acquire(self, name: str, **kw: object) -> Lease:
+        return await self.sched.acquire(await self.sched.resolve(name), **kw)  # type: ignore[arg-type]
+
     def names(self) -> list[str]:
         return sorted(m.name for m in self.sched.loaded())
 
@@ -125,7 +133,7 @@ async def read_all(lease: Lease, **opts: object) -> list[dict[str, object]]:
 
 async def test_racing_acquires_start_one_runner(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB})
-    leases = await asyncio.gather(*(w.sched.acquire("a") for _ in range(8)))
+    leases = await asyncio.gather(*(w.acquire("a") for _ in range(8)))
     assert w.sched.loads == 1 and len(w.processes) == 1
     assert {lease.pid for lease in leases} == {w.processes[0].pid}
     assert w.sched.loaded()[0].active == 8
@@ -136,9 +144,9 @@ async def test_racing_acquires_start_one_runner(make: Callable[..., Awaitable[Wo
 
 async def test_loaded_model_is_a_noop(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB})
-    first = await w.sched.acquire("a")
+    first = await w.acquire("a")
     await first.release()
-    second = await w.sched.acquire("a:latest")
+    second = await w.acquire("a:latest")
     assert second.load_duration == 0.0 and second.pid == first.pid and w.sched.loads == 1
     assert (await read_all(second))[-1]["done"] is True
     await second.release()
@@ -146,9 +154,9 @@ async def test_loaded_model_is_a_noop(make: Callable[..., Awaitable[World]]) -> 
 
 async def test_eviction_finishes_before_the_next_start(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": 6 * GB, "b": 6 * GB})
-    async with await w.sched.acquire("a") as lease:
+    async with await w.acquire("a") as lease:
         a_pid = lease.pid
-    async with await w.sched.acquire("b") as lease:
+    async with await w.acquire("b") as lease:
         assert (await read_all(lease))[-1]["done"] is True
     assert w.starts[1] == ("b", [])  # a's process no longer existed when b's started
     assert gone(a_pid) and w.names() == ["b"]
@@ -156,17 +164,17 @@ async def test_eviction_finishes_before_the_next_start(make: Callable[..., Await
 
 async def test_too_big_is_507_and_nothing_evicted(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": 4 * GB, "huge": 11 * GB})
-    async with await w.sched.acquire("a") as lease:
+    async with await w.acquire("a") as lease:
         a_pid = lease.pid
     with pytest.raises(InsufficientMemory) as ei:
-        await w.sched.acquire("huge")
+        await w.acquire("huge")
     assert "huge" in ei.value.message and ei.value.status == 507
     assert w.names() == ["a"] and not gone(a_pid) and len(w.starts) == 1
 
 
 async def test_busy_model_drains_before_eviction(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": 6 * GB, "b": 6 * GB}, {"a": ["--token-delay", "0.05"]})
-    lease_a = await w.sched.acquire("a")
+    lease_a = await w.acquire("a")
     events: list[str] = []
 
     async def stream_a() -> int:
@@ -179,7 +187,7 @@ async def test_busy_model_drains_before_eviction(make: Callable[..., Awaitable[W
         return n
 
     async def get_b() -> None:
-        lease = await w.sched.acquire("b")
+        lease = await w.acquire("b")
         events.append("b leased")
         assert (await read_all(lease))[-1]["done"] is True
         await lease.release()
@@ -195,11 +203,11 @@ async def test_busy_model_drains_before_eviction(make: Callable[..., Awaitable[W
 
 async def test_fifo_no_starvation(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": 6 * GB, "b": 6 * GB})
-    held_a = await w.sched.acquire("a")
+    held_a = await w.acquire("a")
     order: list[str] = []
 
     async def want(name: str) -> Lease:
-        lease = await w.sched.acquire(name)
+        lease = await w.acquire(name)
         order.append(name)
         return lease
 
@@ -222,11 +230,11 @@ async def test_fifo_no_starvation(make: Callable[..., Awaitable[World]]) -> None
 
 async def test_max_queue_busy(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": 6 * GB, "b": 6 * GB, "c": 6 * GB}, max_queue=1)
-    held = await w.sched.acquire("a")
-    waiting = asyncio.create_task(w.sched.acquire("b"))
+    held = await w.acquire("a")
+    waiting = asyncio.create_task(w.acquire("b"))
     await until(lambda: len(w.sched._queue) == 1)
     with pytest.raises(Busy) as ei:
-        await w.sched.acquire("c")
+        await w.acquire("c")
     assert ei.value.status == 503 and "Retry-After" in ei.value.headers()
     await held.release()
     await (await waiting).release()
@@ -234,19 +242,19 @@ async def test_max_queue_busy(make: Callable[..., Awaitable[World]]) -> None:
 
 async def test_keep_alive(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB, "b": GB, "c": GB})
-    lease = await w.sched.acquire("a", keep_alive=0)
+    lease = await w.acquire("a", keep_alive=0)
     pid = lease.pid
     await lease.release()
     await until(lambda: "a" not in w.names())
     assert gone(pid)
 
-    lease = await w.sched.acquire("b", keep_alive=0.5)
+    lease = await w.acquire("b", keep_alive=0.5)
     await lease.release()
     row = w.sched.loaded()[0]
     assert row.expires_at is not None and row.active == 0
     await until(lambda: "b" not in w.names())
 
-    lease = await w.sched.acquire("c", keep_alive=-1)
+    lease = await w.acquire("c", keep_alive=-1)
     assert w.sched.loaded()[0].expires_at is None
     await lease.release()
     await asyncio.sleep(1.0)
@@ -256,7 +264,7 @@ async def test_keep_alive(make: Callable[..., Awaitable[World]]) -> None:
 async def test_default_keep_alive_from_live_settings(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB})
     w.settings.keep_alive = 0.3  # as PATCH /api/settings would
-    async with await w.sched.acquire("a"):
+    async with await w.acquire("a"):
         pass
     await until(lambda: not w.names())
 
@@ -264,11 +272,11 @@ async def test_default_keep_alive_from_live_settings(make: Callable[..., Awaitab
 async def test_single_model_mode(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB, "b": GB, "c": GB})
     for name in ("a", "b"):
-        async with await w.sched.acquire(name):
+        async with await w.acquire(name):
             pass
     assert w.names() == ["a", "b"]  # off: both fit, nothing evicted
     w.settings.single_model = True
-    async with await w.sched.acquire("c"):
+    async with await w.acquire("c"):
         pass
     assert w.names() == ["c"]
     assert w.starts[2] == ("c", [])
@@ -279,10 +287,10 @@ async def test_pinned_survive(make: Callable[..., Awaitable[World]]) -> None:
     assert w.names() == ["p"]  # loaded at start()
     pid_p = w.processes[0].pid
     for name in ("a", "b", "a"):
-        async with await w.sched.acquire(name):
+        async with await w.acquire(name):
             pass
     assert w.names() == ["a", "p"] and w.processes[0].pid == pid_p and not gone(pid_p)
-    async with await w.sched.acquire("p", keep_alive=0):
+    async with await w.acquire("p", keep_alive=0):
         pass
     await asyncio.sleep(0.3)
     assert "p" in w.names()
@@ -292,7 +300,7 @@ async def test_pinned_survive(make: Callable[..., Awaitable[World]]) -> None:
 async def test_max_loaded_models(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB, "b": GB}, max_loaded_models=1)
     for name in ("a", "b"):
-        async with await w.sched.acquire(name):
+        async with await w.acquire(name):
             pass
     assert w.names() == ["b"]
 
@@ -301,21 +309,21 @@ async def test_load_timeout(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"slow": GB}, {"slow": ["--load-delay", "60"]}, )
     w.settings.load_timeout = 1.0
     with pytest.raises(LoadTimeout):
-        await w.sched.acquire("slow")
+        await w.acquire("slow")
     assert w.names() == [] and gone(w.processes[0].pid)
 
 
 async def test_fail_at_load(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"bad": GB}, {"bad": ["--fail-load"]})
     with pytest.raises(RunnerFailed) as ei:
-        await w.sched.acquire("bad")
+        await w.acquire("bad")
     assert "fake load failure" in ei.value.message
     assert w.names() == []
 
 
 async def test_crash_mid_stream_then_new_runner(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB}, {"a": ["--crash-after", "2", "--token-delay", "0.05"]})
-    lease = await w.sched.acquire("a")
+    lease = await w.acquire("a")
     first_pid = lease.pid
     got = []
     with pytest.raises(RunnerFailed) as ei:
@@ -325,18 +333,18 @@ async def test_crash_mid_stream_then_new_runner(make: Callable[..., Awaitable[Wo
     assert "crashed after 2 tokens" in ei.value.message
     await lease.release()
     await until(lambda: not w.names())
-    async with await w.sched.acquire("a") as again:
+    async with await w.acquire("a") as again:
         assert again.pid != first_pid
     assert w.sched.loads == 2
 
 
 async def test_unload_idle_and_busy(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB, "b": GB})
-    async with await w.sched.acquire("a"):
+    async with await w.acquire("a"):
         pass
     assert await w.sched.unload("a") is True and w.names() == []
     assert await w.sched.unload("a") is False
-    lease = await w.sched.acquire("b")
+    lease = await w.acquire("b")
     assert await w.sched.unload("b") is True
     assert w.names() == ["b"]  # busy: stays until idle
     await lease.release()
@@ -346,13 +354,13 @@ async def test_unload_idle_and_busy(make: Callable[..., Awaitable[World]]) -> No
 async def test_unknown_model(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB})
     with pytest.raises(ModelNotFound):
-        await w.sched.acquire("nope")
+        await w.acquire("nope")
     assert w.sched.loads == 0
 
 
 async def test_cancelled_waiter_gives_back_its_lease(make: Callable[..., Awaitable[World]]) -> None:
     w = await make({"a": GB}, {"a": ["--load-delay", "0.5"]})
-    t = asyncio.create_task(w.sched.acquire("a"))
+    t = asyncio.create_task(w.acquire("a"))
     await asyncio.sleep(0.1)
     t.cancel()
     with pytest.raises(asyncio.CancelledError):

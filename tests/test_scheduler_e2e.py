@@ -1,4 +1,4 @@
-"""Scheduler end to end: the real runner (`python -m runner`), real MLX, real store and memory model."""
+"""Scheduler end to end: the real runner (`python -m corral.runner`), real MLX, real store and memory model."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import RunnerFailed
+from corral.supervisor.memory import estimate_need
+from corral.supervisor.process import RunnerProcess
+from corral.supervisor.scheduler import RunnerSpec, Scheduler, default_runner_factory
+from corral.supervisor.store import ModelStore
 
-from supervisor.config import Settings
-from supervisor.errors import RunnerFailed
-from supervisor.memory import estimate_need
-from supervisor.process import RunnerProcess
-from supervisor.scheduler import RunnerSpec, Scheduler, default_runner_factory
-from supervisor.store import ModelStore
 from tests.conftest import TINY, TINY_B
 
 CTX = 512
@@ -65,13 +65,13 @@ async def generate(lease: object, n: int = 8) -> list[dict[str, object]]:
 
 async def test_memory_limit_fits_one_of_two(world: tuple[Scheduler, Recorder, ModelStore]) -> None:
     sched, rec, _ = world
-    async with await sched.acquire(TINY) as lease:
+    async with await sched.acquire(await sched.resolve(TINY)) as lease:
         lines = await generate(lease)
         assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 8
         a_pid = lease.pid
     row = sched.loaded()[0]
     assert row.name == TINY and row.pid == a_pid and row.size > 0 and row.context_length == CTX
-    async with await sched.acquire(TINY_B) as lease:
+    async with await sched.acquire(await sched.resolve(TINY_B)) as lease:
         assert (await generate(lease))[-1]["done"] is True
     assert rec.starts == [(TINY, []), (TINY_B, [])]  # TINY was reaped before TINY_B started
     assert gone(a_pid) and [m.name for m in sched.loaded()] == [TINY_B]
@@ -79,7 +79,8 @@ async def test_memory_limit_fits_one_of_two(world: tuple[Scheduler, Recorder, Mo
 
 async def test_racing_acquires_one_real_runner(world: tuple[Scheduler, Recorder, ModelStore]) -> None:
     sched, rec, _ = world
-    leases = await asyncio.gather(*(sched.acquire(TINY) for _ in range(8)))
+    ref = await sched.resolve(TINY)
+    leases = await asyncio.gather(*(sched.acquire(ref) for _ in range(8)))
     assert len(rec.processes) == 1 and {lease.pid for lease in leases} == {rec.processes[0].pid}
     results = await asyncio.gather(*(generate(lease, 4) for lease in leases))
     assert all(r[-1]["done"] is True for r in results)
@@ -89,7 +90,7 @@ async def test_racing_acquires_one_real_runner(world: tuple[Scheduler, Recorder,
 
 async def test_sigkill_mid_stream_then_new_pid(world: tuple[Scheduler, Recorder, ModelStore]) -> None:
     sched, _, _ = world
-    lease = await sched.acquire(TINY)
+    lease = await sched.acquire(await sched.resolve(TINY))
     pid = lease.pid
     got = 0
     with pytest.raises(RunnerFailed) as ei:
@@ -105,6 +106,6 @@ async def test_sigkill_mid_stream_then_new_pid(world: tuple[Scheduler, Recorder,
             break
         await asyncio.sleep(0.05)
     assert sched.loaded() == []
-    async with await sched.acquire(TINY) as again:
+    async with await sched.acquire(await sched.resolve(TINY)) as again:
         assert again.pid != pid
         assert (await generate(again, 4))[-1]["done"] is True

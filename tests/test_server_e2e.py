@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from tests.conftest import TINY, TINY_B
+from tests.support.live_server import ServerProcess
 from tests.support.models import make_hf_model
-from tests.support.server import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

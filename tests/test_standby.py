@@ -1,6 +1,6 @@
 """The standby runner: spawned ahead of need with its imports done, adopted for a model.
 
-Real `python -m runner --model -` subprocesses and real mlx on the tiny model.
+Real `python -m corral.runner --model -` subprocesses and real mlx on the tiny model.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import psutil
-
-from supervisor.process import RunnerState, StandbyFactory
-from supervisor.scheduler import RunnerSpec
+from corral.supervisor.process import RunnerState, StandbyFactory
+from corral.supervisor.scheduler import RunnerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +75,7 @@ async def test_a_dead_spare_is_replaced_by_a_fresh_runner(tiny_model: Path, tmp_
 
 
 def test_standby_exits_cleanly_without_a_model_and_fails_on_a_bad_one() -> None:
-    cmd = [sys.executable, "-m", "runner", "--model", "-", "--port", "1"]
+    cmd = [sys.executable, "-m", "corral.runner", "--model", "-", "--port", "1"]
     empty = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert empty.returncode == 0
     bad = subprocess.run(cmd, input="not json\n", capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corral.supervisor import store as store_mod
+from corral.supervisor.errors import BadRequest, InvalidModelName, ModelNotFound
+from corral.supervisor.manifest import Manifest
+from corral.supervisor.store import (
+    ModelStore,
+    default_hf_cache,
+    normalize_name,
+    supported_model_type,
+)
 
-from supervisor import store as store_mod
-from supervisor.errors import BadRequest, InvalidModelName, ModelNotFound
-from supervisor.manifest import Manifest
-from supervisor.store import ModelStore, default_hf_cache, normalize_name, supported_model_type
 from tests.conftest import TINY, TINY_B
 from tests.support.models import make_hf_model
 

@@ -20,13 +20,12 @@ import hmac
 import re
 from collections.abc import Sequence
 
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import Unauthorized
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from supervisor.config import Settings
-from supervisor.errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/api/version"})
 LOCAL_ORIGIN_PATTERNS = (
@@ -80,7 +79,7 @@ class ApiKeyMiddleware:
         if is_open(method, path) or method == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        from supervisor.app import error_response, family_for_path  # app imports us
+        from corral.supervisor.app import error_response, family_for_path  # app imports us
 
         family = family_for_path(path)
         given = presented_key(Headers(scope=scope), anthropic=family == "anthropic")

@@ -28,13 +28,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
-
-from supervisor.api.context import AppContext
-from supervisor.api.fields import bool_field, keep_alive_field, model_field
-from supervisor.api.openai import (
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field
+from corral.supervisor.api.openai import (
     abandon,
     new_id,
     respond,
@@ -42,10 +38,13 @@ from supervisor.api.openai import (
     start_completion,
     wire_options,
 )
-from supervisor.api.toolcalls import calls_from, tool_call_out
-from supervisor.app import read_json
-from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
-from supervisor.scheduler import Lease
+from corral.supervisor.api.toolcalls import calls_from, tool_call_out
+from corral.supervisor.app import read_json
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.scheduler import Lease
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger("corral")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from supervisor.config import Settings
-    from supervisor.scheduler import Scheduler
-    from supervisor.store import ModelStore
+    from corral.supervisor.config import Settings
+    from corral.supervisor.scheduler import Scheduler
+    from corral.supervisor.store import ModelStore
 
 
 @dataclass

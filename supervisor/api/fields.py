@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.config import parse_keep_alive
-from supervisor.errors import BadRequest
+from corral.supervisor.config import parse_keep_alive
+from corral.supervisor.errors import BadRequest
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:

@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from corral.supervisor import pull as pulling
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.fields import model_field
+from corral.supervisor.app import read_json
+from corral.supervisor.errors import BadRequest, CorralError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-
-from supervisor import pull as pulling
-from supervisor.api.context import AppContext
-from supervisor.api.fields import model_field
-from supervisor.app import read_json
-from supervisor.errors import BadRequest, CorralError
 
 log = logging.getLogger("corral")
 NDJSON = "application/x-ndjson"

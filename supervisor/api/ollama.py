@@ -28,21 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import corral.supervisor as supervisor
+from corral.runner.protocol import NDJSON, OptionError, options_to_wire, parse_options
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field, str_field
+from corral.supervisor.api.toolcalls import ToolCallFilter, runner_calls
+from corral.supervisor.app import read_json
+from corral.supervisor.config import apply_patch, settings_to_json
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.manifest import Manifest
+from corral.supervisor.scheduler import Lease, LoadedModel
+from corral.supervisor.store import ModelRef
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-
-import supervisor
-from runner.protocol import NDJSON, OptionError, options_to_wire, parse_options
-from supervisor.api.context import AppContext
-from supervisor.api.fields import bool_field, keep_alive_field, model_field, str_field
-from supervisor.api.toolcalls import ToolCallFilter, runner_calls
-from supervisor.app import read_json
-from supervisor.config import apply_patch, settings_to_json
-from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
-from supervisor.manifest import Manifest
-from supervisor.scheduler import Lease, LoadedModel
-from supervisor.store import ModelRef
 
 log = logging.getLogger("corral")
 
@@ -136,16 +135,16 @@ async def _acquire(ctx: AppContext, name: str, keep_alive: float | None,
                    num_ctx: int | None) -> Lease:
     """acquire, pulling the model once if the server allows pulls of it."""
     try:
-        return await ctx.scheduler.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive, num_ctx=num_ctx)
     except ModelNotFound:
         if not await _pull_if_allowed(ctx, name):
             raise
-        return await ctx.scheduler.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive, num_ctx=num_ctx)
 
 
 async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
     try:
-        pull = importlib.import_module("supervisor.pull")
+        pull = importlib.import_module("corral.supervisor.pull")
     except ImportError:  # the pull feature is another part of the project
         return False
     return bool(await pull.pull_if_allowed(ctx, name))

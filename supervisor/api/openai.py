@@ -29,17 +29,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+from corral.runner.protocol import OptionError, options_to_wire, parse_options
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field
+from corral.supervisor.api.toolcalls import calls_from, tool_call_out
+from corral.supervisor.app import read_json
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.scheduler import Lease
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-
-from runner.protocol import OptionError, options_to_wire, parse_options
-from supervisor.api.context import AppContext
-from supervisor.api.fields import bool_field, keep_alive_field, model_field
-from supervisor.api.toolcalls import calls_from, tool_call_out
-from supervisor.app import read_json
-from supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
-from supervisor.scheduler import Lease
 
 log = logging.getLogger("corral")
 
@@ -75,7 +74,7 @@ def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
 
 async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
     try:
-        pull = importlib.import_module("supervisor.pull")
+        pull = importlib.import_module("corral.supervisor.pull")
     except ImportError:  # pulling is another part of the project
         return False
     return bool(await pull.pull_if_allowed(ctx, name))
@@ -84,11 +83,11 @@ async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
 async def acquire(ctx: AppContext, name: str, keep_alive: float | None) -> Lease:
     """Load on demand exactly as the Ollama routes do (pulling when the server allows it)."""
     try:
-        return await ctx.scheduler.acquire(name, keep_alive=keep_alive)
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive)
     except ModelNotFound:
         if not await _pull_if_allowed(ctx, name):
             raise
-        return await ctx.scheduler.acquire(name, keep_alive=keep_alive)
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive)
 
 
 async def abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:

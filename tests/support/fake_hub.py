@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tests.support.server import free_port
+from tests.support.live_server import free_port
 
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from runner.protocol import chunk_line, done_line, error_line
-from supervisor.api.context import AppContext
-from supervisor.config import Settings
-from supervisor.errors import CorralError, InvalidModelName, ModelNotFound
-from supervisor.manifest import Manifest
-from supervisor.scheduler import LoadedModel
-from supervisor.store import ModelRef
+from corral.runner.protocol import chunk_line, done_line, error_line
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.config import Settings
+from corral.supervisor.errors import CorralError, InvalidModelName, ModelNotFound
+from corral.supervisor.manifest import Manifest
+from corral.supervisor.scheduler import LoadedModel
+from corral.supervisor.store import ModelRef
 
 
 def fake_context(store: FakeStore, scheduler: FakeScheduler, settings: Settings) -> AppContext:
@@ -206,6 +206,7 @@ class FakeScheduler:
     errors: dict[str, CorralError] = field(default_factory=dict)
     fail_completion: dict[str, BaseException] = field(default_factory=dict)
     calls: list[AcquireCall] = field(default_factory=list)
+    resolved: list[str] = field(default_factory=list)  # names given to resolve(), in order
     bodies: list[dict[str, Any]] = field(default_factory=list)
     leases: list[FakeLease] = field(default_factory=list)
     active: dict[str, int] = field(default_factory=dict)
@@ -221,10 +222,13 @@ class FakeScheduler:
     async def shutdown(self) -> None:
         self.stopped = True
 
-    async def acquire(self, name: str, *, keep_alive: float | None = None,
+    async def resolve(self, name: str) -> ModelRef:
+        self.resolved.append(name)
+        return self.store.resolve(name)
+
+    async def acquire(self, ref: ModelRef, *, keep_alive: float | None = None,
                       num_ctx: int | None = None) -> FakeLease:
-        self.calls.append(AcquireCall(name, keep_alive, num_ctx))
-        ref = self.store.resolve(name)
+        self.calls.append(AcquireCall(self.resolved[-1] if self.resolved else ref.name, keep_alive, num_ctx))
         if ref.name.lower() in self.errors:
             raise self.errors[ref.name.lower()]
         manifest = self.store.manifest(ref)

@@ -20,13 +20,8 @@ from typing import Any
 
 import mlx.core as mx
 import psutil
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-
-from runner.engine import Engine, Sequence
-from runner.protocol import (
+from corral.runner.engine import Engine, Sequence
+from corral.runner.protocol import (
     NDJSON,
     ROUTE_COMPLETION,
     ROUTE_DETOKENIZE,
@@ -39,7 +34,11 @@ from runner.protocol import (
     error_line,
     parse_options,
 )
-from runner.tools import ToolCallSplitter
+from corral.runner.tools import ToolCallSplitter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 log = logging.getLogger("runner")
 

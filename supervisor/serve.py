@@ -15,8 +15,8 @@ import socket
 import sys
 from typing import Any
 
-from supervisor.config import SETTING_NAMES, Settings, load_settings
-from supervisor.errors import BadRequest
+from corral.supervisor.config import SETTING_NAMES, Settings, load_settings
+from corral.supervisor.errors import BadRequest
 
 log = logging.getLogger("corral")
 
@@ -74,9 +74,9 @@ def _address_in_use_message(settings: Settings) -> str:
 
 
 def build_context(settings: Settings) -> Any:
-    from supervisor.api.context import AppContext
-    from supervisor.scheduler import Scheduler
-    from supervisor.store import ModelStore
+    from corral.supervisor.api.context import AppContext
+    from corral.supervisor.scheduler import Scheduler
+    from corral.supervisor.store import ModelStore
 
     store = ModelStore(settings.home)
     scheduler = Scheduler(settings, store)
@@ -94,8 +94,7 @@ def _setup_logging(level: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from supervisor.app import create_app
+    from corral.supervisor.app import create_app
 
     _setup_logging(args.log_level)
     try:
