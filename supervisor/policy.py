@@ -50,6 +50,7 @@ class Snapshot:
     reserve: int = 0
     max_loaded_models: int = 0  # 0: no cap
     single_model: bool = False
+    label: str = ""  # how messages name the requested model (default: name)
 
 
 class Verdict(enum.Enum):
@@ -93,7 +94,7 @@ def _never_message(s: Snapshot, evictable: Sequence[Resident], pinned: Sequence[
     freeable = sum(r.footprint for r in evictable)
     pinned_bytes = sum(r.footprint for r in pinned)
     parts = [
-        f"model '{s.name}' needs {_fmt(s.need)} but cannot fit: memory limit {_fmt(s.limit)}",
+        f"model '{s.label or s.name}' needs {_fmt(s.need)} but cannot fit: memory limit {_fmt(s.limit)}",
         f"available {_fmt(s.available)} minus reserve {_fmt(s.reserve)}",
         f"evicting every unpinned model would free {_fmt(freeable)}",
     ]

@@ -194,6 +194,8 @@ class RunnerProcess:
     async def start(self, timeout: float) -> None:
         """Spawn (or hand an adopted standby its model) and wait until /health answers 200.
         Raises RunnerFailed or LoadTimeout (after stopping the process)."""
+        if self.state is not RunnerState.STARTING:  # stopped before it could start
+            raise RunnerFailed(f"runner for '{self.name}' was stopped before it started")
         if self._proc is None:
             await self.spawn()
         if self.standby:
@@ -211,7 +213,7 @@ class RunnerProcess:
         # and every interval of slack is added to the request's cold start.
         delay = 0.02
         while True:
-            if self._exited.is_set() or self.state is RunnerState.FAILED:
+            if self._exited.is_set() or self.state is not RunnerState.STARTING:
                 await self._drain_stderr()
                 raise RunnerFailed(self.failure_message(
                     f"runner for '{self.name}' exited with code {self.returncode} while loading"))
@@ -284,7 +286,8 @@ class RunnerProcess:
     async def stop(self) -> None:
         """SIGTERM the process group, wait up to stop_grace, SIGKILL, reap. Idempotent;
         concurrent callers share one stop."""
-        if self._stop_task is None:
+        if self._stop_task is None or (self._stop_task.done() and self.spawned and not self._exited.is_set()):
+            # (again when a stop came while the process was being spawned)
             self._stop_task = asyncio.create_task(self._stop())
         await asyncio.shield(self._stop_task)
 

@@ -3,30 +3,63 @@
 The API layers only ever call `Scheduler.acquire`, use the returned Lease, and
 release it; they never start runners.
 
-How it works. A request for a model that is loaded, READY and not being
-drained is leased at once. Every other request becomes a ticket in one FIFO
-queue, served by a single dispatcher task, which (for the ticket at the head)
-asks the pure policy (supervisor.policy) what to do:
+One writer. The model table (`_table`, keyed by normalized model name) and the
+FIFO of waiting tickets (`_queue`) are written only by one dispatcher task. The
+public methods, the lease, keep_alive timers, runner watchers and background
+tasks never touch them: they post events to one asyncio.Queue and the
+dispatcher applies them one at a time, so no state change races another.
 
-    READY  grant every queued ticket for that model
+Events (what the dispatcher consumes):
+
+    Acquire      a request wants a model (its ticket carries a future)
+    Abandoned    a waiting request went away (its ticket is dropped)
+    Released     a lease ended (keep_alive of that request)
+    TimerExpired a keep_alive timer fired (ignored unless it is the entry's current timer)
+    RunnerExited a runner died by itself: dropped, the next request loads it again
+    Unload       unload now if idle, else when it goes idle
+    Planned      the manifest of the head ticket's model was read (off the loop)
+    StatusDone   fresh /status footprints of loaded runners
+    LoadDone     a load task finished (ok, or the error for its waiters)
+    Stopped      a stop task reaped its runner: the entry leaves the table
+    Shutdown     fail every waiter, stop every runner
+
+Entry phases (the scheduler's view; the runner's own lifecycle stays in
+RunnerState, owned by the runner):
+
+    LOADING   a load task is starting the runner; tickets for it wait on the entry
+    LOADED    its runner is READY; leasable unless draining
+    STOPPING  a stop task is reaping its runner (eviction, unload, keep_alive, shutdown)
+    GONE      out of the table; late events about it are ignored
+
+Decisions. After every event the dispatcher serves the ticket at the head of
+the FIFO, asking the pure policy (supervisor.policy) what to do:
+
+    READY  grant every queued ticket for that model (or, while it loads, attach them to the load)
     NEVER  fail that model's tickets with InsufficientMemory (nothing evicted)
-    WAIT   mark the busy victims draining and sleep until something changes
-    LOAD   stop the victims (awaiting reap), start the runner, grant its tickets
+    WAIT   mark the busy victims draining and wait until something changes
+    LOAD   start stop tasks for the idle victims and wait for their Stopped;
+           with no victims left, start a load task and serve the next ticket
 
-Because one dispatcher runs every load, exactly one load per model happens
-however many requests race, evictions finish before the new runner starts,
-and a request for a draining model queues behind the model that waits for
-it, so nobody starves. Settings is read at each decision (PATCH /api/settings).
+A loading model counts in the policy as a busy resident (its estimate), so a
+second model that fits beside it loads at once instead of waiting behind a slow
+or hung load, and one that does not fit waits for it rather than evicting it.
+Because only the dispatcher creates entries, exactly one load per model
+happens however many requests race; victims are reaped before the new runner
+starts; a request for a draining model queues behind the model that waits for
+it, so nobody starves. Slow work (manifest reads, /status, loads, stops) runs
+in tasks that post their result back, so the dispatcher never blocks. Settings
+is read at each decision (PATCH /api/settings).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -57,6 +90,41 @@ class Store(Protocol):
     def manifest(self, ref: ModelRef) -> Manifest: ...
 
 
+class RunnerAPI(Protocol):
+    """The runner's HTTP routes the scheduler and leases use (RunnerClient)."""
+
+    async def status(self, timeout: float = 5.0) -> dict[str, Any]: ...
+
+    async def tokenize(self, text: str) -> list[int]: ...
+
+    async def detokenize(self, tokens: list[int]) -> str: ...
+
+    def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]: ...
+
+
+class Runner(Protocol):
+    """One runner process as the scheduler drives it (RunnerProcess, or a fake in tests)."""
+
+    on_exit: Callable[[Any], None] | None  # called on an unexpected exit after start
+
+    @property
+    def state(self) -> RunnerState: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def client(self) -> RunnerAPI: ...
+
+    async def start(self, timeout: float) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait_exited(self, timeout: float) -> bool: ...
+
+    def failure_message(self, what: str) -> str: ...
+
+
 @dataclass(frozen=True)
 class RunnerSpec:
     """What a runner factory needs to build a runner process."""
@@ -68,13 +136,57 @@ class RunnerSpec:
     num_parallel: int
 
 
-RunnerFactory = Callable[[RunnerSpec], RunnerProcess]
+class RunnerFactory(Protocol):
+    """Builds runners; may keep processes ready ahead of need (StandbyFactory)."""
+
+    def __call__(self, spec: RunnerSpec) -> Runner: ...
+
+    def refill(self) -> None:
+        """Prepare ahead of the next build (called once at start)."""
+
+    async def aclose(self) -> None:
+        """Release whatever was kept ready (called at shutdown)."""
+
+
+class PlainFactory:
+    """A RunnerFactory that builds each runner with `build` and keeps nothing ready."""
+
+    def __init__(self, build: Callable[[RunnerSpec], Runner]) -> None:
+        self.build = build
+
+    def __call__(self, spec: RunnerSpec) -> Runner:
+        return self.build(spec)
+
+    def refill(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
 EstimateFn = Callable[[Manifest, int, int], NeedEstimate]
 
 
 def default_runner_factory(spec: RunnerSpec) -> RunnerProcess:
     return RunnerProcess(spec.name, spec.model_dir, home=spec.home, num_ctx=spec.num_ctx,
                          num_parallel=spec.num_parallel)
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timers(Protocol):
+    """Where keep_alive timers come from: the event loop, or a fake clock in tests."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle: ...
+
+
+class LoopTimers:
+    """Timers on the running asyncio loop."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
 
 @dataclass(frozen=True)
@@ -95,16 +207,26 @@ class LoadedModel:
     pinned: bool
 
 
+class _Phase(enum.Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    STOPPING = "stopping"
+    GONE = "gone"
+
+
 @dataclass(eq=False)
 class _Entry:
     """A model in the table (one runner process)."""
 
+    key: str  # normalized name: the table key
     ref: ModelRef
     manifest: Manifest
-    process: RunnerProcess
+    process: Runner
     estimate: int
     context_length: int
     num_parallel: int
+    phase: _Phase = _Phase.LOADING
+    waiters: list[_Ticket] = field(default_factory=list)  # tickets granted when the load is done
     status: dict[str, Any] = field(default_factory=dict)
     status_at: float = 0.0
     active: int = 0
@@ -113,7 +235,9 @@ class _Entry:
     expires_at: float | None = None  # when idle
     draining: bool = False
     unload_when_idle: bool = False
-    timer: asyncio.TimerHandle | None = None
+    timer: TimerHandle | None = None
+    timer_gen: int = 0  # which timer is current: a stale TimerExpired carries an older one
+    on_stopped: list[asyncio.Future[bool]] = field(default_factory=list)  # unload() callers
 
     @property
     def name(self) -> str:
@@ -123,13 +247,89 @@ class _Entry:
     def footprint(self) -> int:
         return footprint(self.estimate, self.status)
 
+    @property
+    def leasable(self) -> bool:
+        return self.phase is _Phase.LOADED and self.process.state is RunnerState.READY and not self.draining
+
 
 @dataclass(eq=False)
 class _Ticket:
     ref: ModelRef
+    key: str
     num_ctx: int | None
-    future: asyncio.Future[_Entry]
+    future: asyncio.Future[tuple[_Entry, bool]]  # (entry, loaded for this ticket)
     enqueued_at: float
+    manifest: Manifest | None = None  # read once the ticket reaches the head
+
+
+# -- events ------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Acquire:
+    ticket: _Ticket
+
+
+@dataclass(eq=False)
+class _Abandoned:
+    ticket: _Ticket
+
+
+@dataclass(eq=False)
+class _Released:
+    entry: _Entry
+    keep_alive: float | None
+    done: asyncio.Future[None] | None = None
+
+
+@dataclass(eq=False)
+class _TimerExpired:
+    entry: _Entry
+    gen: int
+
+
+@dataclass(eq=False)
+class _RunnerExited:
+    entry: _Entry
+
+
+@dataclass(eq=False)
+class _Unload:
+    key: str
+    done: asyncio.Future[bool]
+
+
+@dataclass(eq=False)
+class _Planned:
+    ticket: _Ticket
+    manifest: Manifest | None
+    error: CorralError | None
+
+
+@dataclass(eq=False)
+class _StatusDone:
+    statuses: list[tuple[_Entry, dict[str, Any] | None]]
+
+
+@dataclass(eq=False)
+class _LoadDone:
+    entry: _Entry
+    error: CorralError | None
+    status: dict[str, Any]  # the runner's first /status ({} when it did not answer)
+
+
+@dataclass(eq=False)
+class _Stopped:
+    entry: _Entry
+
+
+@dataclass(eq=False)
+class _Shutdown:
+    done: asyncio.Future[None]
+
+
+_Event = (_Acquire | _Abandoned | _Released | _TimerExpired | _RunnerExited | _Unload | _Planned
+          | _StatusDone | _LoadDone | _Stopped | _Shutdown)
 
 
 class Lease:
@@ -200,7 +400,7 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._scheduler._release(self._entry, self._keep_alive)
+        await self._scheduler._release(self._entry, self._keep_alive)
 
     async def __aenter__(self) -> Lease:
         return self
@@ -221,6 +421,7 @@ class Scheduler:
         probe: MemoryProbe | None = None,
         runner_factory: RunnerFactory | None = None,
         clock: Callable[[], float] = time.time,
+        timers: Timers | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -228,13 +429,18 @@ class Scheduler:
         self.probe: MemoryProbe = probe if probe is not None else SystemMemoryProbe()
         # Default: real runners, with a standby process kept ready (see StandbyFactory).
         self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home)
-        self.clock = clock
+        self.clock = clock  # unix time, for last_used and expires_at
+        self.timers: Timers = timers if timers is not None else LoopTimers()
+        # Written only by the dispatcher (see the module doc; tests/test_scheduler_writers.py checks it).
         self._table: dict[str, _Entry] = {}
         self._queue: deque[_Ticket] = deque()
-        self._wake = asyncio.Event()
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._stops: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # loads, stops, manifest reads, /status refreshes
+        self._planning: _Ticket | None = None  # the ticket whose manifest is being read
+        self._refreshing = False
         self._closing = False
+        self._pinned_cache: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
         self.loads = 0  # runners started (for tests and /api/ps debugging)
 
     # -- lifecycle ----------------------------------------------------------
@@ -245,9 +451,7 @@ class Scheduler:
         if killed:
             log.warning("killed %d orphaned runner(s): %s", len(killed), killed)
         self._ensure_dispatcher()
-        refill = getattr(self.runner_factory, "refill", None)
-        if refill is not None:
-            refill()
+        self.runner_factory.refill()
         for name in list(self.settings.pinned):
             try:
                 lease = await self.acquire(await self.resolve(name))
@@ -259,26 +463,35 @@ class Scheduler:
     async def shutdown(self) -> None:
         """Stop every runner (SIGTERM, bounded wait, SIGKILL, reap)."""
         self._closing = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None and not dispatcher.done():
+            done = asyncio.get_running_loop().create_future()
+            self._post(_Shutdown(done))
+            await done
+            while self._tasks:  # stops (and loads cut short by them) post back to the dispatcher
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.sleep(0)  # let the dispatcher take the last Stopped events
+            dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._dispatcher
-            self._dispatcher = None
-        while self._queue:
-            t = self._queue.popleft()
-            if not t.future.done():
-                t.future.set_exception(Busy("server is shutting down"))
-        entries = list(self._table.values())
-        await asyncio.gather(*(self._stop_entry(e) for e in entries), return_exceptions=True)
-        if self._stops:
-            await asyncio.gather(*self._stops, return_exceptions=True)
-        aclose = getattr(self.runner_factory, "aclose", None)
-        if aclose is not None:
-            await aclose()
+                await dispatcher
+        self._answer_leftover_events()
+        await self.runner_factory.aclose()
 
     def _ensure_dispatcher(self) -> None:
-        if self._dispatcher is None or self._dispatcher.done():
+        if not self._closing and (self._dispatcher is None or self._dispatcher.done()):
             self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    def _post(self, event: _Event) -> None:
+        self._events.put_nowait(event)
+
+    def _answer_leftover_events(self) -> None:
+        """After the dispatcher is gone nobody else will: answer whoever still waits."""
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            if isinstance(event, _Acquire):
+                _fail(event.ticket.future, Busy("server is shutting down"))
+            elif isinstance(event, (_Released, _Unload, _Shutdown)) and event.done is not None:
+                _answer(event.done, False if isinstance(event, _Unload) else None)
 
     # -- public -------------------------------------------------------------
 
@@ -298,48 +511,42 @@ class Scheduler:
         """
         if self._closing:
             raise Busy("server is shutting down")
-        entry = self._table.get(ref.name)
-        if entry is not None and self._leasable(entry) and not self._queued_for(ref.name):
-            self._grant(entry)
-            return Lease(self, entry, keep_alive, 0.0)
-        if len(self._queue) >= max(self.settings.max_queue, 0):
-            raise Busy(f"too many requests waiting for a model ({len(self._queue)}); try again later",
-                       retry_after=2)
         self._ensure_dispatcher()
-        ticket = _Ticket(ref, num_ctx, asyncio.get_running_loop().create_future(), time.monotonic())
-        self._queue.append(ticket)
-        self._wake.set()
+        ticket = _Ticket(ref, normalize_name(ref.name), num_ctx, asyncio.get_running_loop().create_future(),
+                         time.monotonic())
+        self._post(_Acquire(ticket))
         try:
-            entry = await asyncio.shield(ticket.future)
+            entry, waited = await asyncio.shield(ticket.future)
         except asyncio.CancelledError:
             # the caller went away: give back what it may have been granted
-            with contextlib.suppress(ValueError):
-                self._queue.remove(ticket)
-            if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
-                self._release(ticket.future.result(), keep_alive)
-            elif not ticket.future.done():
-                ticket.future.cancel()
-            self._wake.set()
+            fut = ticket.future
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._post(_Released(fut.result()[0], keep_alive))
+            else:
+                fut.cancel()
+            self._post(_Abandoned(ticket))
             raise
-        return Lease(self, entry, keep_alive, time.monotonic() - ticket.enqueued_at)
+        return Lease(self, entry, keep_alive, time.monotonic() - ticket.enqueued_at if waited else 0.0)
 
     async def unload(self, name: str) -> bool:
         """Unload now if idle, else as soon as it goes idle. False if it was not loaded."""
-        entry = self._lookup(name)
-        if entry is None:
+        try:
+            key = normalize_name(name)
+        except CorralError:
             return False
-        if entry.active == 0:
-            await self._stop_entry(entry)
-        else:
-            entry.unload_when_idle = True
-        return True
+        if self._dispatcher is None or self._dispatcher.done():
+            return False
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._post(_Unload(key, done))
+        return await done
 
     def loaded(self) -> list[LoadedModel]:
         """Snapshot for /api/ps, most recently used first."""
         now = self.clock()
         rows = []
-        for e in sorted(self._table.values(), key=lambda e: e.last_used, reverse=True):
-            pinned = self._is_pinned(e.name)
+        entries = [e for e in self._table.values() if e.phase is not _Phase.LOADING]
+        for e in sorted(entries, key=lambda e: e.last_used, reverse=True):
+            pinned = self._is_pinned(e.key)
             if pinned:
                 expires: float | None = None
             elif e.active > 0:
@@ -356,178 +563,39 @@ class Scheduler:
             ))
         return rows
 
-    # -- helpers ------------------------------------------------------------
+    async def _release(self, entry: _Entry, keep_alive: float | None) -> None:
+        """Lease.release: the dispatcher applies it; returns once it has."""
+        if self._dispatcher is None or self._dispatcher.done():
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._post(_Released(entry, keep_alive, done))
+        await done
 
-    def _lookup(self, name: str) -> _Entry | None:
-        if name in self._table:
-            return self._table[name]
-        try:
-            key = normalize_name(name)
-        except CorralError:
-            return None
-        for e in self._table.values():
-            if e.name.lower() == key:
-                return e
-        return None
+    # -- helpers (read-only) --------------------------------------------------
 
-    def _is_pinned(self, name: str) -> bool:
-        key = name.lower()
-        for p in self.settings.pinned:
-            try:
-                if normalize_name(p) == key:
-                    return True
-            except CorralError:
-                continue
-        return False
+    def _pinned_keys(self) -> frozenset[str]:
+        """Settings.pinned as table keys; normalized again only when the setting changes."""
+        names = tuple(self.settings.pinned)
+        if names != self._pinned_cache[0]:
+            keys = set()
+            for p in names:
+                with contextlib.suppress(CorralError):
+                    keys.add(normalize_name(p))
+            self._pinned_cache = (names, frozenset(keys))
+        return self._pinned_cache[1]
+
+    def _is_pinned(self, key: str) -> bool:
+        return key in self._pinned_keys()
 
     def _keep_alive_of(self, keep_alive: float | None) -> float:
         return float(self.settings.keep_alive if keep_alive is None else keep_alive)
 
-    @staticmethod
-    def _leasable(entry: _Entry) -> bool:
-        return entry.process.state is RunnerState.READY and not entry.draining
+    def _queued_for(self, key: str) -> bool:
+        return any(t.key == key for t in self._queue)
 
-    def _queued_for(self, name: str) -> bool:
-        return any(t.ref.name == name for t in self._queue)
-
-    def _grant(self, entry: _Entry) -> None:
-        entry.active += 1
-        entry.last_used = self.clock()
-        entry.expires_at = None
-        if entry.timer is not None:
-            entry.timer.cancel()
-            entry.timer = None
-
-    def _release(self, entry: _Entry, keep_alive: float | None) -> None:
-        entry.active = max(0, entry.active - 1)
-        entry.last_used = self.clock()
-        entry.keep_alive = keep_alive
-        self._wake.set()
-        if entry.active > 0 or self._table.get(entry.name) is not entry:
-            return
-        ka = self._keep_alive_of(keep_alive)
-        if entry.unload_when_idle or (ka == 0 and not self._is_pinned(entry.name)):
-            self._stop_later(entry)
-        elif ka > 0 and not self._is_pinned(entry.name):
-            entry.expires_at = entry.last_used + ka
-            entry.timer = asyncio.get_running_loop().call_later(ka, self._expire, entry)
-        else:
-            entry.expires_at = None
-
-    def _expire(self, entry: _Entry) -> None:
-        entry.timer = None
-        if entry.active == 0 and self._table.get(entry.name) is entry and not self._is_pinned(entry.name):
-            log.info("keep_alive expired for %s; unloading", entry.name)
-            self._stop_later(entry)
-
-    def _stop_later(self, entry: _Entry) -> None:
-        task = asyncio.create_task(self._stop_entry(entry))
-        self._stops.add(task)
-        task.add_done_callback(self._stops.discard)
-
-    async def _stop_entry(self, entry: _Entry) -> None:
-        """Evict: stop the runner, and only after it is reaped drop it from the table."""
-        if entry.timer is not None:
-            entry.timer.cancel()
-            entry.timer = None
-        t0 = time.perf_counter()
-        await entry.process.stop()
-        log.info("evicted %s (pid %d): reaped in %.0f ms", entry.name, entry.process.pid,
-                 (time.perf_counter() - t0) * 1000)
-        if self._table.get(entry.name) is entry:
-            del self._table[entry.name]
-        self._wake.set()
-
-    def _on_runner_exit(self, entry: _Entry) -> None:
-        """The runner died by itself: drop it so the next request loads it again."""
-        if self._table.get(entry.name) is entry:
-            del self._table[entry.name]
-            if entry.timer is not None:
-                entry.timer.cancel()
-        self._wake.set()
-
-    # -- the dispatcher -----------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        while not self._closing:
-            self._wake.clear()
-            try:
-                progressed = await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let one bad load kill the dispatcher
-                log.exception("scheduler step failed")
-                progressed = False
-            if not progressed:
-                await self._wake.wait()
-
-    def _take_tickets(self, name: str) -> list[_Ticket]:
-        taken = [t for t in self._queue if t.ref.name == name]
-        for t in taken:
-            self._queue.remove(t)
-        return [t for t in taken if not t.future.done()]
-
-    def _grant_all(self, entry: _Entry) -> None:
-        for t in self._take_tickets(entry.name):
-            self._grant(entry)
-            t.future.set_result(entry)
-
-    def _fail_all(self, name: str, exc: BaseException) -> None:
-        for t in self._take_tickets(name):
-            t.future.set_exception(exc)
-
-    async def _step(self) -> bool:
-        """Serve the ticket at the head of the queue; True when something changed."""
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()  # cancelled callers
-        if not self._queue:
-            self._clear_draining(())
-            return False
-        head = self._queue[0]
-        name = head.ref.name
-        entry = self._table.get(name)
-        if entry is not None:
-            # Draining marks only hold while the model that waits for them is at the head.
-            self._clear_draining(())
-            if entry.process.state is RunnerState.READY:
-                self._grant_all(entry)
-                return True
-            return False  # stopping: once reaped (wake), it is loaded again
-        try:
-            manifest = await asyncio.to_thread(self.store.manifest, head.ref)
-            num_ctx, num_parallel = self._shape(manifest, head.num_ctx)
-            need = int(self.estimate(manifest, num_ctx, num_parallel).total)
-        except Exception as e:
-            self._fail_all(name, e if isinstance(e, CorralError) else RunnerFailed(f"cannot read model '{name}': {e}"))
-            return True
-        await self._refresh_status()
-        decision = policy.decide(self._snapshot(name, need))
-        if decision.verdict is policy.Verdict.NEVER:
-            self._fail_all(name, InsufficientMemory(decision.message))
-            return True
-        if decision.verdict is policy.Verdict.WAIT:
-            self._clear_draining(decision.drain)
-            for victim in decision.drain:
-                if victim in self._table:
-                    self._table[victim].draining = True
-            return False
-        self._clear_draining(decision.evict)
-        victims = [self._table[v] for v in decision.evict if v in self._table]
-        for v in victims:
-            v.draining = True  # no new leases while the victims stop one by one
-        for v in victims:
-            if v.active > 0:
-                return True  # leased meanwhile: decide again
-            await self._stop_entry(v)
-        self._clear_draining(())
-        await self._load(head.ref, manifest, num_ctx, num_parallel, need)
-        return True
-
-    def _clear_draining(self, keep: tuple[str, ...]) -> None:
-        for e in self._table.values():
-            if e.draining and e.name not in keep:
-                e.draining = False
-                self._wake.set()
+    def _waiting(self) -> int:
+        """Requests waiting for a model: queued, or attached to a load in flight."""
+        return len(self._queue) + sum(len(e.waiters) for e in self._table.values())
 
     def _shape(self, manifest: Manifest, num_ctx: int | None) -> tuple[int, int]:
         ctx = num_ctx if num_ctx and num_ctx > 0 else self.settings.context_length
@@ -535,55 +603,386 @@ class Scheduler:
             ctx = min(ctx, manifest.max_context)
         return max(1, int(ctx)), max(1, int(self.settings.num_parallel))
 
-    def _snapshot(self, name: str, need: int) -> policy.Snapshot:
+    def _snapshot(self, head: _Ticket, need: int) -> policy.Snapshot:
         s = self.settings
         limit = s.memory_limit if s.memory_limit else self.probe.total()
-        residents = tuple(
-            policy.Resident(name=e.name, footprint=e.footprint, active=e.active, last_used=e.last_used,
-                            pinned=self._is_pinned(e.name), draining=e.draining)
-            for e in self._table.values()
-        )
         return policy.Snapshot(
-            loaded=residents, name=name, need=need, limit=int(limit), available=int(self.probe.available()),
-            reserve=int(s.reserve), max_loaded_models=int(s.max_loaded_models or 0), single_model=bool(s.single_model),
+            loaded=tuple(self._resident(e) for e in self._table.values()), name=head.key, need=need,
+            limit=int(limit), available=int(self.probe.available()), reserve=int(s.reserve),
+            max_loaded_models=int(s.max_loaded_models or 0), single_model=bool(s.single_model),
+            label=head.ref.name,
         )
 
-    async def _refresh_status(self) -> None:
-        now = time.monotonic()
-        stale = [e for e in self._table.values()
-                 if e.process.state is RunnerState.READY and now - e.status_at > STATUS_REFRESH]
-        for e in stale:
-            with contextlib.suppress(CorralError):
-                e.status = await e.process.client.status(timeout=2.0)
-                e.status_at = now
+    def _resident(self, e: _Entry) -> policy.Resident:
+        if e.phase is _Phase.LOADING:  # busy until loaded: never an idle victim
+            return policy.Resident(name=e.key, footprint=e.footprint, active=max(1, e.active + len(e.waiters)),
+                                   last_used=e.last_used, pinned=self._is_pinned(e.key), draining=e.draining)
+        if e.phase is _Phase.STOPPING:  # on its way out: an idle victim already chosen
+            return policy.Resident(name=e.key, footprint=e.footprint, active=0, last_used=e.last_used,
+                                   pinned=False, draining=True)
+        return policy.Resident(name=e.key, footprint=e.footprint, active=e.active, last_used=e.last_used,
+                               pinned=self._is_pinned(e.key), draining=e.draining)
 
-    async def _load(self, ref: ModelRef, manifest: Manifest, num_ctx: int, num_parallel: int, need: int) -> None:
+    def _stale(self) -> list[_Entry]:
+        now = time.monotonic()
+        return [e for e in self._table.values() if e.phase is _Phase.LOADED
+                and e.process.state is RunnerState.READY and now - e.status_at > STATUS_REFRESH]
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- background tasks: they never touch the table, they post what they found --
+
+    async def _read_manifest(self, ticket: _Ticket) -> None:
+        try:
+            manifest = await asyncio.to_thread(self.store.manifest, ticket.ref)
+        except CorralError as e:
+            self._post(_Planned(ticket, None, e))
+        except Exception as e:
+            self._post(_Planned(ticket, None, RunnerFailed(f"cannot read model '{ticket.ref.name}': {e}")))
+        else:
+            self._post(_Planned(ticket, manifest, None))
+
+    async def _fetch_statuses(self, entries: list[_Entry]) -> None:
+        found: list[tuple[_Entry, dict[str, Any] | None]] = []
+        try:
+            for e in entries:
+                try:
+                    found.append((e, await e.process.client.status(timeout=2.0)))
+                except CorralError:
+                    found.append((e, None))
+        finally:
+            self._post(_StatusDone(found))
+
+    async def _load_runner(self, entry: _Entry, timeout: float) -> None:
+        error: CorralError | None = None
+        status: dict[str, Any] = {}
+        try:
+            await entry.process.start(timeout=timeout)
+            with contextlib.suppress(CorralError):
+                status = await entry.process.client.status(timeout=5.0)
+        except CorralError as e:
+            error = e
+        except Exception as e:
+            error = RunnerFailed(f"cannot start runner for '{entry.name}': {e}")
+        self._post(_LoadDone(entry, error, status))
+
+    async def _stop_runner(self, entry: _Entry) -> None:
+        t0 = time.perf_counter()
+        try:
+            await entry.process.stop()
+            log.info("evicted %s (pid %d): reaped in %.0f ms", entry.name, entry.process.pid,
+                     (time.perf_counter() - t0) * 1000)
+        finally:
+            self._post(_Stopped(entry))
+
+    # -- the dispatcher: the only writer of _table and _queue -----------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            event = await self._events.get()
+            try:
+                self._handle(event)
+                self._schedule()
+            except Exception:  # never let one bad event kill the dispatcher
+                log.exception("scheduler: handling %s failed", type(event).__name__)
+
+    def _handle(self, event: _Event) -> None:
+        if isinstance(event, _Acquire):
+            self._on_acquire(event.ticket)
+        elif isinstance(event, _Abandoned):
+            self._on_abandoned(event.ticket)
+        elif isinstance(event, _Released):
+            self._on_released(event)
+        elif isinstance(event, _TimerExpired):
+            self._on_timer(event)
+        elif isinstance(event, _RunnerExited):
+            self._on_runner_exit(event.entry)
+        elif isinstance(event, _Unload):
+            self._on_unload(event)
+        elif isinstance(event, _Planned):
+            self._on_planned(event)
+        elif isinstance(event, _StatusDone):
+            self._on_status(event)
+        elif isinstance(event, _LoadDone):
+            self._on_load_done(event)
+        elif isinstance(event, _Stopped):
+            self._on_stopped(event.entry)
+        else:
+            self._on_shutdown(event.done)
+
+    def _on_acquire(self, ticket: _Ticket) -> None:
+        if ticket.future.done():
+            return
+        if self._closing:
+            _fail(ticket.future, Busy("server is shutting down"))
+            return
+        entry = self._table.get(ticket.key)
+        free = entry is not None and not entry.draining and not self._queued_for(ticket.key)
+        if free and entry is not None and entry.leasable:  # the fast path: loaded, nobody ahead
+            self._grant(entry)
+            ticket.future.set_result((entry, False))
+            return
+        waiting = self._waiting()
+        if waiting >= max(self.settings.max_queue, 0):
+            _fail(ticket.future, Busy(f"too many requests waiting for a model ({waiting}); try again later",
+                                      retry_after=2))
+        elif free and entry is not None and entry.phase is _Phase.LOADING:
+            entry.waiters.append(ticket)  # its load is in flight: granted when it is done
+        else:
+            self._queue.append(ticket)
+
+    def _on_abandoned(self, ticket: _Ticket) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(ticket)
+        entry = self._table.get(ticket.key)
+        if entry is not None and ticket in entry.waiters:
+            entry.waiters.remove(ticket)
+
+    def _on_released(self, event: _Released) -> None:
+        entry = event.entry
+        entry.active = max(0, entry.active - 1)
+        entry.last_used = self.clock()
+        entry.keep_alive = event.keep_alive
+        if event.done is not None:
+            _answer(event.done, None)
+        if entry.active == 0 and entry.phase is _Phase.LOADED:
+            self._went_idle(entry)
+
+    def _went_idle(self, entry: _Entry) -> None:
+        """Start the keep_alive of an idle entry: stop now, a timer, or never."""
+        ka = self._keep_alive_of(entry.keep_alive)
+        pinned = self._is_pinned(entry.key)
+        if entry.unload_when_idle or (ka == 0 and not pinned):
+            self._begin_stop(entry)
+        elif ka > 0 and not pinned:
+            entry.expires_at = entry.last_used + ka
+            self._set_timer(entry, ka)
+        else:
+            entry.expires_at = None
+
+    def _set_timer(self, entry: _Entry, delay: float) -> None:
+        self._cancel_timer(entry)
+        gen = entry.timer_gen
+        entry.timer = self.timers.call_later(delay, lambda: self._post(_TimerExpired(entry, gen)))
+
+    @staticmethod
+    def _cancel_timer(entry: _Entry) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        entry.timer_gen += 1  # an expiry already posted is now stale
+
+    def _on_timer(self, event: _TimerExpired) -> None:
+        entry = event.entry
+        if event.gen != entry.timer_gen or entry.phase is not _Phase.LOADED:
+            return
+        entry.timer = None
+        if entry.active == 0 and not self._is_pinned(entry.key):
+            log.info("keep_alive expired for %s; unloading", entry.name)
+            self._begin_stop(entry)
+
+    def _on_runner_exit(self, entry: _Entry) -> None:
+        """The runner died by itself: drop it so the next request loads it again."""
+        if entry.phase is _Phase.LOADED:
+            self._drop(entry)
+
+    def _on_unload(self, event: _Unload) -> None:
+        entry = self._table.get(event.key)
+        if entry is None or entry.phase is _Phase.LOADING:
+            _answer(event.done, False)
+        elif entry.phase is _Phase.STOPPING or entry.active == 0:
+            entry.on_stopped.append(event.done)  # answered once it is reaped
+            self._begin_stop(entry)
+        else:
+            entry.unload_when_idle = True
+            _answer(event.done, True)
+
+    def _on_planned(self, event: _Planned) -> None:
+        if self._planning is event.ticket:
+            self._planning = None
+        if event.error is not None:
+            self._fail_all(event.ticket.key, event.error)
+        else:
+            event.ticket.manifest = event.manifest
+
+    def _on_status(self, event: _StatusDone) -> None:
+        self._refreshing = False
+        now = time.monotonic()
+        for entry, status in event.statuses:
+            entry.status_at = now  # a failed refresh waits for the next interval too
+            if status is not None:
+                entry.status = status
+
+    def _on_load_done(self, event: _LoadDone) -> None:
+        entry = event.entry
+        if entry.phase is not _Phase.LOADING:
+            return  # stopped meanwhile (shutdown): its waiters were answered then
+        error = event.error
+        if error is None and entry.process.state is not RunnerState.READY:  # died between ready and now
+            error = RunnerFailed(entry.process.failure_message(f"runner for '{entry.name}' exited"))
+        waiters = [t for t in entry.waiters if not t.future.done()]
+        entry.waiters = []
+        if error is not None:
+            self._drop(entry)
+            for t in waiters:
+                t.future.set_exception(error)
+            return
+        entry.phase = _Phase.LOADED
+        entry.process.on_exit = lambda _runner: self._post(_RunnerExited(entry))
+        entry.status, entry.status_at = event.status, time.monotonic()
+        for t in waiters:
+            self._grant(entry)
+            t.future.set_result((entry, True))
+        if not waiters:  # every waiter went away: start its keep_alive now
+            entry.last_used = self.clock()
+            self._went_idle(entry)
+
+    def _on_stopped(self, entry: _Entry) -> None:
+        self._drop(entry)
+        for fut in entry.on_stopped:
+            _answer(fut, True)
+        entry.on_stopped = []
+
+    def _on_shutdown(self, done: asyncio.Future[None]) -> None:
+        self._closing = True
+        _answer(done, None)  # before anything can raise: shutdown() waits for it
+        while self._queue:
+            _fail(self._queue.popleft().future, Busy("server is shutting down"))
+        for entry in list(self._table.values()):
+            for t in entry.waiters:
+                _fail(t.future, Busy("server is shutting down"))
+            entry.waiters = []
+            self._begin_stop(entry)
+
+    def _grant(self, entry: _Entry) -> None:
+        entry.active += 1
+        entry.last_used = self.clock()
+        entry.expires_at = None
+        self._cancel_timer(entry)
+
+    def _begin_stop(self, entry: _Entry) -> None:
+        """Evict: a task stops the runner; the entry leaves the table only once it is reaped."""
+        if entry.phase in (_Phase.STOPPING, _Phase.GONE):
+            return
+        self._cancel_timer(entry)
+        entry.phase = _Phase.STOPPING
+        self._spawn(self._stop_runner(entry))
+
+    def _drop(self, entry: _Entry) -> None:
+        if entry.phase is _Phase.GONE:
+            return
+        self._cancel_timer(entry)
+        entry.phase = _Phase.GONE
+        del self._table[entry.key]
+
+    def _take_tickets(self, key: str) -> list[_Ticket]:
+        taken = [t for t in self._queue if t.key == key]
+        for t in taken:
+            self._queue.remove(t)
+        return [t for t in taken if not t.future.done()]
+
+    def _fail_all(self, key: str, exc: BaseException) -> None:
+        for t in self._take_tickets(key):
+            t.future.set_exception(exc)
+
+    def _clear_draining(self, keep: tuple[str, ...]) -> None:
+        for e in self._table.values():
+            if e.draining and e.key not in keep and e.phase is not _Phase.STOPPING:
+                e.draining = False
+
+    def _schedule(self) -> None:
+        """Serve tickets from the head of the FIFO until one has to wait for an event."""
+        while True:
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()  # cancelled callers
+            if not self._queue:
+                self._clear_draining(())
+                return
+            if self._closing or not self._serve(self._queue[0]):
+                return
+
+    def _serve(self, head: _Ticket) -> bool:
+        """One step for the head ticket; True when it moved on (serve the next one)."""
+        entry = self._table.get(head.key)
+        if entry is not None:
+            # Draining marks only hold while the model that waits for them is at the head.
+            self._clear_draining(())
+            if entry.phase is _Phase.LOADED and entry.process.state is RunnerState.READY:
+                for t in self._take_tickets(head.key):
+                    self._grant(entry)
+                    t.future.set_result((entry, True))
+                return True
+            if entry.phase is _Phase.LOADING:
+                entry.waiters.extend(self._take_tickets(head.key))
+                return True
+            return False  # stopping, or dead and not yet dropped: loaded again after its event
+        if head.manifest is None:
+            if self._planning is None:
+                self._planning = head
+                self._spawn(self._read_manifest(head))
+            return False
+        if self._refreshing:
+            return False
+        stale = self._stale()
+        if stale:  # footprints older than STATUS_REFRESH: decide on fresh ones
+            self._refreshing = True
+            self._spawn(self._fetch_statuses(stale))
+            return False
+        return self._decide(head, head.manifest)
+
+    def _decide(self, head: _Ticket, manifest: Manifest) -> bool:
+        try:
+            num_ctx, num_parallel = self._shape(manifest, head.num_ctx)
+            need = int(self.estimate(manifest, num_ctx, num_parallel).total)
+        except Exception as e:
+            self._fail_all(head.key, e if isinstance(e, CorralError)
+                           else RunnerFailed(f"cannot read model '{head.ref.name}': {e}"))
+            return True
+        decision = policy.decide(self._snapshot(head, need))
+        if decision.verdict is policy.Verdict.NEVER:
+            self._fail_all(head.key, InsufficientMemory(decision.message))
+            return True
+        if decision.verdict is policy.Verdict.WAIT:
+            self._clear_draining(decision.drain)
+            for victim in decision.drain:
+                self._table[victim].draining = True
+            return False
+        self._clear_draining(decision.evict)
+        victims = [self._table[v] for v in decision.evict]
+        if victims:  # stop them all; decide again once each one's Stopped has arrived
+            for v in victims:
+                v.draining = True  # no new leases while the victims stop
+                self._begin_stop(v)
+            return False
+        self._clear_draining(())
+        self._start_load(head, manifest, num_ctx, num_parallel, need)
+        return True
+
+    def _start_load(self, head: _Ticket, manifest: Manifest, num_ctx: int, num_parallel: int, need: int) -> None:
+        ref = head.ref
         spec = RunnerSpec(ref.name, ref.path, Path(self.settings.home), num_ctx, num_parallel)
-        process = self.runner_factory(spec)
-        entry = _Entry(ref=ref, manifest=manifest, process=process, estimate=need,
+        try:
+            process = self.runner_factory(spec)
+        except Exception as e:
+            self._fail_all(head.key, RunnerFailed(f"cannot start runner for '{ref.name}': {e}"))
+            return
+        entry = _Entry(key=head.key, ref=ref, manifest=manifest, process=process, estimate=need,
                        context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock())
+        entry.waiters = self._take_tickets(head.key)
+        self._table[head.key] = entry
         self.loads += 1
         log.info("loading %s (ctx %d, parallel %d, need %d bytes)", ref.name, num_ctx, num_parallel, need)
-        try:
-            await process.start(timeout=float(self.settings.load_timeout))
-        except CorralError as e:
-            self._fail_all(ref.name, e)
-            return
-        except Exception as e:
-            self._fail_all(ref.name, RunnerFailed(f"cannot start runner for '{ref.name}': {e}"))
-            return
-        process.on_exit = lambda _p: self._on_runner_exit(entry)
-        if process.state is not RunnerState.READY:  # died between ready and now
-            self._fail_all(ref.name, RunnerFailed(process.failure_message(f"runner for '{ref.name}' exited")))
-            return
-        self._table[ref.name] = entry
-        with contextlib.suppress(CorralError):
-            entry.status = await process.client.status(timeout=5.0)
-            entry.status_at = time.monotonic()
-        if self._table.get(ref.name) is not entry:
-            self._fail_all(ref.name, RunnerFailed(process.failure_message(f"runner for '{ref.name}' exited")))
-            return
-        self._grant_all(entry)
-        if entry.active == 0:  # every waiter went away: start its keep_alive now
-            entry.active = 1
-            self._release(entry, None)
+        self._spawn(self._load_runner(entry, float(self.settings.load_timeout)))
+
+
+def _answer(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -20,7 +20,7 @@ from corral.supervisor.errors import (
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import NeedEstimate
 from corral.supervisor.process import RunnerProcess
-from corral.supervisor.scheduler import Lease, RunnerSpec, Scheduler
+from corral.supervisor.scheduler import Lease, PlainFactory, RunnerSpec, Scheduler
 from corral.supervisor.store import ModelRef
 
 FAKE = str(Path(__file__).with_name("fake_runner.py"))
@@ -74,7 +74,7 @@ class World:
         self.starts: list[tuple[str, list[int]]] = []  # (model, pids alive at its start)
         self.processes: list[RunnerProcess] = []
         self.sched = Scheduler(self.settings, FakeStore(tmp, sizes), estimate=estimate,
-                               probe=FakeProbe(int(100 * GB)), runner_factory=self.factory)
+                               probe=FakeProbe(int(100 * GB)), runner_factory=PlainFactory(self.factory))
 
     def factory(self, spec: RunnerSpec) -> RunnerProcess:
         alive = [p.pid for p in self.processes if p.pid and psutil.pid_exists(p.pid) and not _zombie(p.pid)]

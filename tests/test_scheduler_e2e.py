@@ -14,7 +14,7 @@ from corral.supervisor.config import Settings
 from corral.supervisor.errors import RunnerFailed
 from corral.supervisor.memory import estimate_need
 from corral.supervisor.process import RunnerProcess
-from corral.supervisor.scheduler import RunnerSpec, Scheduler, default_runner_factory
+from corral.supervisor.scheduler import PlainFactory, RunnerSpec, Scheduler, default_runner_factory
 from corral.supervisor.store import ModelStore
 
 from tests.conftest import TINY, TINY_B
@@ -51,7 +51,7 @@ async def world(hf_cache: Path, tmp_path: Path) -> AsyncIterator[tuple[Scheduler
     settings = Settings(home=tmp_path / "home", context_length=CTX, num_parallel=1, load_timeout=180.0,
                         memory_limit=max(needs) + min(needs) // 2, reserve=0, keep_alive=-1)
     rec = Recorder()
-    sched = Scheduler(settings, store, runner_factory=rec)
+    sched = Scheduler(settings, store, runner_factory=PlainFactory(rec))
     await sched.start()
     yield sched, rec, store
     await sched.shutdown()
