@@ -213,7 +213,9 @@ class RunnerProcess:
         # and every interval of slack is added to the request's cold start.
         delay = 0.02
         while True:
-            if self._exited.is_set() or self.state is not RunnerState.STARTING:
+            if self.state in (RunnerState.STOPPING, RunnerState.STOPPED):
+                raise RunnerFailed(f"runner for '{self.name}' was stopped while loading")
+            if self._exited.is_set() or self.state is RunnerState.FAILED:
                 await self._drain_stderr()
                 raise RunnerFailed(self.failure_message(
                     f"runner for '{self.name}' exited with code {self.returncode} while loading"))

@@ -631,7 +631,12 @@ class Scheduler:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scheduler task failed", exc_info=task.exception())
 
     # -- background tasks: they never touch the table, they post what they found --
 
@@ -667,7 +672,11 @@ class Scheduler:
             error = e
         except Exception as e:
             error = RunnerFailed(f"cannot start runner for '{entry.name}': {e}")
-        self._post(_LoadDone(entry, error, status))
+        except BaseException:
+            error = RunnerFailed(f"loading '{entry.name}' was cancelled")
+            raise
+        finally:  # always answered: an entry must never stay LOADING
+            self._post(_LoadDone(entry, error, status))
 
     async def _stop_runner(self, entry: _Entry) -> None:
         t0 = time.perf_counter()

@@ -179,3 +179,24 @@ async def test_closing_a_stream_early_cancels_it(tmp_path: Path) -> None:
         await p.stop()
     with pytest.raises(RunnerFailed):  # the client is closed with its runner
         await p.client.tokenize("x")
+
+
+async def test_stop_before_start_spawns_nothing(tmp_path: Path) -> None:
+    p = fake(tmp_path)
+    await p.stop()
+    with pytest.raises(RunnerFailed, match="stopped before it started"):
+        await p.start(timeout=5)
+    assert not p.spawned and p.state is RunnerState.STOPPED
+
+
+async def test_stop_while_loading_ends_the_start(tmp_path: Path) -> None:
+    p = fake(tmp_path, "--load-delay", "60")
+    loading = asyncio.create_task(p.start(timeout=60))
+    for _ in range(200):
+        if p.spawned:
+            break
+        await asyncio.sleep(0.01)
+    await p.stop()
+    with pytest.raises(RunnerFailed, match="stopped while loading"):
+        await loading
+    assert p.state is RunnerState.STOPPED and gone(p.pid)

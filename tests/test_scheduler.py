@@ -367,3 +367,16 @@ async def test_cancelled_waiter_gives_back_its_lease(make: Callable[..., Awaitab
         await t
     await until(lambda: bool(w.names()))
     assert w.sched.loaded()[0].active == 0
+
+
+async def test_stuck_load_does_not_hold_up_another_model(make: Callable[..., Awaitable[World]]) -> None:
+    w = await make({"a": GB, "b": GB}, {"a": ["--load-delay", "60"]})
+    stuck = asyncio.create_task(w.acquire("a"))
+    await until(lambda: len(w.starts) == 1)
+    t0 = asyncio.get_running_loop().time()
+    async with await w.acquire("b") as lease:
+        assert (await read_all(lease))[-1]["done"] is True
+    assert asyncio.get_running_loop().time() - t0 < 10 and not stuck.done()
+    await w.sched.shutdown()  # stops the runner still loading; its waiter is told
+    with pytest.raises(Busy):
+        await stuck
