@@ -729,17 +729,18 @@ class Scheduler:
             _fail(ticket.future, Busy("server is shutting down"))
             return
         entry = self._table.get(ticket.key)
-        free = entry is not None and not entry.draining and not self._queued_for(ticket.key)
-        if free and entry is not None and entry.leasable:  # the fast path: loaded, nobody ahead
-            self._grant(entry)
-            ticket.future.set_result((entry, False))
+        # nobody is queued ahead for this model and it is not giving way to another
+        free = entry if entry is not None and not entry.draining and not self._queued_for(ticket.key) else None
+        if free is not None and free.leasable:  # the fast path
+            self._grant(free)
+            ticket.future.set_result((free, False))
             return
         waiting = self._waiting()
         if waiting >= max(self.settings.max_queue, 0):
             _fail(ticket.future, Busy(f"too many requests waiting for a model ({waiting}); try again later",
                                       retry_after=2))
-        elif free and entry is not None and entry.phase is _Phase.LOADING:
-            entry.waiters.append(ticket)  # its load is in flight: granted when it is done
+        elif free is not None and free.phase is _Phase.LOADING:
+            free.waiters.append(ticket)  # its load is in flight: granted when it is done
         else:
             self._queue.append(ticket)
 
@@ -881,6 +882,8 @@ class Scheduler:
         self._spawn(self._stop_runner(entry))
 
     def _drop(self, entry: _Entry) -> None:
+        # An entry is in the table exactly while it is not GONE, and a key has at most one
+        # entry (a new load waits for a STOPPING one to go), so its key is its own.
         if entry.phase is _Phase.GONE:
             return
         self._cancel_timer(entry)
