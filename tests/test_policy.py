@@ -131,3 +131,12 @@ def test_invariants_over_random_snapshots() -> None:
         if d.drain:
             assert len(d.evict) == len(idle_lru), "busy victims only once every idle one is taken"
     assert all(n > 50 for n in seen.values()), seen
+
+
+def test_never_message_names_the_model_by_its_label() -> None:
+    s = Snapshot(loaded=(), name="org/big", need=11 * 1024**3, limit=10 * 1024**3, available=10 * 1024**3,
+                 label="Org/Big")
+    d = decide(s)
+    assert d.verdict is Verdict.NEVER and "model 'Org/Big' needs" in d.message
+    assert "model 'org/big' needs" in decide(Snapshot(loaded=(), name="org/big", need=s.need, limit=s.limit,
+                                                       available=s.available)).message
