@@ -1,6 +1,6 @@
 """The fit/evict decision: a pure function of a snapshot (no I/O, no clock).
 
-DESIGN.md "Memory model" and "Scheduling rules" are the contract. A model may
+The memory model and scheduling rules (README "Memory model") in one place. A model may
 load when
 
     need <= limit - footprint(models that stay)

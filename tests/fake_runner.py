@@ -1,4 +1,4 @@
-"""A runner stand-in with no mlx that speaks the runner protocol (DESIGN.md).
+"""A runner stand-in with no mlx that speaks the runner protocol (runner/protocol.py).
 
 Fast to start (stdlib only), so process and scheduler tests run in seconds.
 Behaviour flags let tests provoke every failure the supervisor must handle:
