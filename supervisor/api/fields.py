@@ -1,4 +1,4 @@
-"""Validating request-body fields: one set of checks for every API family.
+"""Reading and validating request bodies: one set of checks for every API family.
 
 Each raises BadRequest naming the field (`param`), so OpenAI clients see it in
 `error.param` and every family gets the same wording for the same mistake.
@@ -6,10 +6,32 @@ Each raises BadRequest naming the field (`param`), so OpenAI clients see it in
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from corral.runner.protocol import OptionError, options_to_wire, parse_options
 from corral.supervisor.config import parse_keep_alive
 from corral.supervisor.errors import BadRequest
+from starlette.requests import Request
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; BadRequest for anything else.
+
+    The body size is bounded by the app's BodyLimitMiddleware (PayloadTooLarge while reading).
+    """
+    raw = await request.body()
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON body: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
@@ -46,3 +68,16 @@ def keep_alive_field(body: dict[str, Any]) -> float | None:
     """Seconds (< 0 forever), or None for the server's default."""
     raw = body.get("keep_alive")
     return None if raw is None else parse_keep_alive(raw)
+
+
+def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    """Validate Ollama-named options into runner wire options; `params` maps an option
+    back to the request field it came from, so a 400 names the field the client sent."""
+    try:
+        return options_to_wire(parse_options(raw))
+    except OptionError as e:
+        message = str(e)
+        for opt, param in params.items():
+            if f"'{opt}'" in message:
+                raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
+        raise BadRequest(message) from None
