@@ -2,8 +2,14 @@
 
 Pure Python with no third-party imports: the supervisor imports this module
 (it must never import mlx), and the runner imports it so both sides agree on
-option names, defaults, validation and stream line shapes. The contract itself
-is in shared/DESIGN.md ("The runner protocol").
+option names, defaults, validation and stream line shapes.
+
+POST /completion takes a RunnerRequest's wire form and answers NDJSON: one
+`{"content": text, "done": false}` line per piece of text, then one done line
+(done_line: done_reason, token counts, durations in nanoseconds, the stop
+string that matched or null, and tool_calls when the runner parsed any). A
+failure after the stream started is an `{"error": message}` line instead.
+The supervisor reads those lines as Chunk and Done events.
 """
 
 from __future__ import annotations

@@ -220,6 +220,18 @@ async def test_client_stream_error_line_after_start(client: httpx.AsyncClient, s
     assert r.status_code == 500 and "killed" in r.json()["error"]
 
 
+async def test_stream_without_final_line_is_an_error(client: httpx.AsyncClient, sched: FakeScheduler) -> None:
+    # A stream that stops before its done line is never shown as a complete answer.
+    sched.script = [chunk_line("Hi"), chunk_line(" there")]
+    lines = ndjson(await client.post("/api/generate", json={"model": TINY, "prompt": "x"}))
+    assert [line.get("response") for line in lines[:2]] == ["Hi", " there"]
+    assert lines[-1] == {"error": "the model's stream ended without a final line"}
+    r = await client.post("/api/chat", json={"model": TINY, "stream": False,
+                                            "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500 and "without a final line" in r.json()["error"]
+    assert all(lease.released for lease in sched.leases)
+
+
 async def test_failure_before_stream_keeps_its_status(client: httpx.AsyncClient, sched: FakeScheduler) -> None:
     sched.fail_completion[TINY] = RunnerFailed("runner exited: out of memory")
     r = await client.post("/api/generate", json={"model": TINY, "prompt": "x"})
