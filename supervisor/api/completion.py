@@ -32,6 +32,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.errors import CorralError, ModelNotFound, RunnerFailed
 from corral.supervisor.scheduler import Lease
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("corral")
 
@@ -87,6 +88,7 @@ class Started:
         self._stream = stream
         self._first: Event | None = first
         self._finished = False  # the Done event came: the stream may end now
+        self._closed = False
 
     @property
     def load_duration(self) -> float:
@@ -113,7 +115,10 @@ class Started:
         return event
 
     async def close(self) -> None:
-        await _abandon(self.lease, self._stream)
+        """Idempotent: close the runner stream and release the lease, shielded from cancellation."""
+        if not self._closed:
+            self._closed = True
+            await _abandon(self.lease, self._stream)
 
 
 async def _abandon(lease: Lease, stream: AsyncIterator[Event]) -> None:
@@ -196,8 +201,24 @@ async def respond(
     if stream:
         body = _guarded(started, render_stream(started), stream_error, where)
         headers = {"Cache-Control": "no-cache"} if media_type == SSE else None
-        return StreamingResponse(body, media_type=media_type, headers=headers)
+        return _StartedResponse(started, body, media_type=media_type, headers=headers)
     return JSONResponse(render_body(await collect(started)))
+
+
+class _StartedResponse(StreamingResponse):
+    """A streaming answer that closes its runner stream however sending ends: a client
+    gone before the first byte means the body generator never ran its own cleanup."""
+
+    def __init__(self, started: Started, body: AsyncIterator[bytes], *, media_type: str,
+                 headers: dict[str, str] | None) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._started = started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._started.close()
 
 
 # ---- rendering helpers shared by the SSE families (OpenAI, Anthropic) ------
