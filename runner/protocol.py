@@ -258,3 +258,25 @@ def parse_arguments(raw: Any) -> Any:
     if isinstance(raw, str):
         return json.loads(raw)
     return raw
+
+
+class BodyError(ValueError):
+    """A request body that is not one JSON object (HTTP 400 on both sides)."""
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; BodyError saying what is wrong otherwise.
+
+    The one body reader of the supervisor's APIs and the runner's routes.
+    """
+    if not raw.strip():
+        raise BodyError("request body is empty; expected a JSON object")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BodyError(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise BodyError("malformed JSON body: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BodyError(f"request body must be a JSON object, got {type(value).__name__}")
+    return value

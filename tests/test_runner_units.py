@@ -9,7 +9,13 @@ import json
 from typing import Any
 
 import pytest
-from corral.runner.protocol import done_from_line, done_line, parse_arguments
+from corral.runner.protocol import (
+    BodyError,
+    done_from_line,
+    done_line,
+    json_object,
+    parse_arguments,
+)
 from corral.runner.stops import StopMatcher, held_back
 from corral.runner.tools import ToolCallSplitter
 
@@ -119,3 +125,16 @@ def test_tokenizer_without_tool_calling_passes_text_through() -> None:
     s = ToolCallSplitter(Plain(), tools=[{"type": "function"}])
     assert s.feed("<tool_call>{}</tool_call>") == "<tool_call>{}</tool_call>"
     assert s.finish() == ("", [])
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    (b"", "empty"), (b"  \n", "empty"), (b"{not json", "malformed JSON"), (b"\xff\xfe", "malformed JSON"),
+    (b"[" * 100_000, "malformed JSON"), (b"[1, 2]", "got list"), (b'"text"', "got str"),
+])
+def test_json_object_refuses_what_is_not_one_object(raw: bytes, want: str) -> None:
+    with pytest.raises(BodyError, match=want):
+        json_object(raw)
+
+
+def test_json_object_reads_an_object() -> None:
+    assert json_object(b' {"a": [1]} ') == {"a": [1]}

@@ -6,10 +6,15 @@ Each raises BadRequest naming the field (`param`), so OpenAI clients see it in
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from corral.runner.protocol import OptionError, options_to_wire, parse_options
+from corral.runner.protocol import (
+    BodyError,
+    OptionError,
+    json_object,
+    options_to_wire,
+    parse_options,
+)
 from corral.supervisor.config import parse_keep_alive
 from corral.supervisor.errors import BadRequest
 from starlette.requests import Request
@@ -20,18 +25,10 @@ async def read_json(request: Request) -> dict[str, Any]:
 
     The body size is bounded by the app's BodyLimitMiddleware (PayloadTooLarge while reading).
     """
-    raw = await request.body()
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"invalid JSON body: {e}") from None
-    except RecursionError:
-        raise BadRequest("invalid JSON body: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(value).__name__}")
-    return value
+        return json_object(await request.body())
+    except BodyError as e:
+        raise BadRequest(str(e)) from None
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
