@@ -41,10 +41,12 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        hits = [(i, s) for s, i in ((s, buf.find(s)) for s in self._stops) if i >= 0]
-        if hits:
-            # the earliest match wins; at one position, the first stop given
-            hit, self.matched = min(hits, key=lambda h: h[0])
+        hit = -1
+        for s in self._stops:  # the earliest match wins; at one position, the first stop given
+            i = buf.find(s)
+            if i >= 0 and (hit < 0 or i < hit):
+                hit, self.matched = i, s
+        if hit >= 0:
             self._held = ""
             return buf[:hit]
         keep = held_back(buf, self._stops)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from corral.runner.protocol import Done, RunnerRequest
@@ -214,8 +215,7 @@ class MessageRequest:
         self.id = new_id("msg_")
 
     async def respond(self) -> Response:
-        local = _resolve_model(self.ctx, self.model)
-        request = CompletionRequest(local, self.request.runner, keep_alive=self.request.keep_alive)
+        request = replace(self.request, model=_resolve_model(self.ctx, self.model))
         return await respond(self.ctx, request, stream=self.stream, render_stream=self._stream,
                              render_body=self._collected, stream_error=_stream_error,
                              where="Anthropic stream")

@@ -19,7 +19,6 @@ Decisions of ours:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -55,8 +54,6 @@ from corral.supervisor.store import ModelRef
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-
-log = logging.getLogger("corral")
 
 FOREVER_RFC3339 = "9999-12-31T23:59:59Z"
 MAX_NUM_CTX = 10_000_000
