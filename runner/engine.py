@@ -208,6 +208,7 @@ class Engine:
             "prompt_eval_duration": int((first - start) * 1e9),
             "eval_count": seq.eval_count,
             "eval_duration": int((end - first) * 1e9),
+            "stop_sequence": seq.stops.matched if seq.stops is not None else None,
         }
 
     def _update_counts(self) -> None:

@@ -2,12 +2,19 @@
 
 Pure Python with no third-party imports: the supervisor imports this module
 (it must never import mlx), and the runner imports it so both sides agree on
-option names, defaults, validation and stream line shapes. The contract itself
-is in shared/DESIGN.md ("The runner protocol").
+option names, defaults, validation and stream line shapes.
+
+POST /completion takes a RunnerRequest's wire form and answers NDJSON: one
+`{"content": text, "done": false}` line per piece of text, then one done line
+(done_line: done_reason, token counts, durations in nanoseconds, the stop
+string that matched or null, and tool_calls when the runner parsed any). A
+failure after the stream started is an `{"error": message}` line instead.
+The supervisor reads those lines as Chunk and Done events.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -155,6 +162,49 @@ def options_to_wire(opts: SamplingOptions) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerRequest:
+    """The body of POST /completion: a raw `prompt` or chat `messages` (plus `tools`
+    for the chat template), and wire `options` (options_to_wire's output)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"options": self.options}
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        if self.messages is not None:
+            out["messages"] = self.messages
+        if self.tools:
+            out["tools"] = self.tools
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of generated text (one stream line)."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The final stream line. Durations in nanoseconds, as the runner measures them;
+    tool_calls are the runner's own parse ({"name", "arguments"}); stop_sequence is
+    the stop string that ended generation, if one did."""
+
+    done_reason: str = DONE_STOP
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    stop_sequence: str | None = None
+
+
 def chunk_line(content: str) -> dict[str, Any]:
     """A stream line carrying generated text."""
     return {"content": content, "done": False}
@@ -167,8 +217,9 @@ def done_line(
     prompt_eval_duration: int,
     eval_count: int,
     eval_duration: int,
+    stop_sequence: str | None = None,
 ) -> dict[str, Any]:
-    """The last stream line; durations in nanoseconds."""
+    """The last stream line; durations in nanoseconds; `stop_sequence` the matched stop string."""
     return {
         "content": "",
         "done": True,
@@ -177,9 +228,55 @@ def done_line(
         "prompt_eval_duration": prompt_eval_duration,
         "eval_count": eval_count,
         "eval_duration": eval_duration,
+        "stop_sequence": stop_sequence,
     }
+
+
+def done_from_line(line: Mapping[str, Any]) -> Done:
+    """A done line as a Done (missing or malformed fields fall back to the defaults)."""
+    calls = line.get("tool_calls")
+    stop = line.get("stop_sequence")
+    return Done(
+        done_reason=str(line.get("done_reason") or DONE_STOP),
+        prompt_eval_count=int(line.get("prompt_eval_count") or 0),
+        prompt_eval_duration=int(line.get("prompt_eval_duration") or 0),
+        eval_count=int(line.get("eval_count") or 0),
+        eval_duration=int(line.get("eval_duration") or 0),
+        tool_calls=tuple(c for c in calls if isinstance(c, dict)) if isinstance(calls, list) else (),
+        stop_sequence=stop if isinstance(stop, str) else None,
+    )
 
 
 def error_line(message: str) -> dict[str, Any]:
     """A failure after the stream started."""
     return {"error": message}
+
+
+def parse_arguments(raw: Any) -> Any:
+    """Tool-call arguments as a value: a JSON string is decoded; anything else is
+    returned as is. Raises ValueError for a string that is not JSON."""
+    if isinstance(raw, str):
+        return json.loads(raw)
+    return raw
+
+
+class BodyError(ValueError):
+    """A request body that is not one JSON object (HTTP 400 on both sides)."""
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; BodyError saying what is wrong otherwise.
+
+    The one body reader of the supervisor's APIs and the runner's routes.
+    """
+    if not raw.strip():
+        raise BodyError("request body is empty; expected a JSON object")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BodyError(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise BodyError("malformed JSON body: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BodyError(f"request body must be a JSON object, got {type(value).__name__}")
+    return value

@@ -28,10 +28,12 @@ from corral.runner.protocol import (
     ROUTE_HEALTH,
     ROUTE_STATUS,
     ROUTE_TOKENIZE,
+    BodyError,
     OptionError,
     chunk_line,
     done_line,
     error_line,
+    json_object,
     parse_options,
 )
 from corral.runner.tools import ToolCallSplitter
@@ -252,14 +254,10 @@ class RunnerApp:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"malformed JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadInput("request body must be a JSON object")
-    return body
+        return json_object(await request.body())
+    except BodyError as e:
+        raise BadInput(str(e)) from None
 
 
 class _Auth:

@@ -9,9 +9,11 @@ plain text, so a confused model never crashes a request.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
+
+from corral.runner.protocol import parse_arguments
+from corral.runner.stops import held_back
 
 log = logging.getLogger("runner")
 
@@ -37,7 +39,7 @@ class ToolCallSplitter:
             if not self._in_call:
                 i = self._buf.find(self._start)
                 if i < 0:
-                    keep = _partial(self._buf, self._start)
+                    keep = held_back(self._buf, (self._start,))
                     out.append(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
@@ -79,18 +81,10 @@ class ToolCallSplitter:
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 return None
-            args = item.get("arguments", {})
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    return None
+            try:
+                args = parse_arguments(item.get("arguments", {}))
+            except ValueError:
+                return None
             calls.append({"name": item["name"], "arguments": args if isinstance(args, dict) else {}})
         return calls
 
-
-def _partial(buf: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(buf)), 0, -1):
-        if buf.endswith(marker[:n]):
-            return n
-    return 0

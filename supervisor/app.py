@@ -1,26 +1,25 @@
 """The Starlette application: routes of every API family, errors, body limits, lifespan.
 
-Errors are rendered per API family so each official client sees the shape it
-expects: paths under /v1/messages are Anthropic's, other /v1/ paths OpenAI's
-(each module's render_error), everything else (/api/*, /) Ollama's
-`{"error": msg}`. The status always comes from supervisor.errors.
+Errors are rendered in the shape of the path's API family (supervisor.api.errors);
+the status always comes from supervisor.errors. This module imports the API
+modules and none of them imports it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
+from corral.supervisor.api import access, anthropic, manage, ollama, openai
 from corral.supervisor.api.context import AppContext
-from corral.supervisor.errors import BadRequest, CorralError, PayloadTooLarge
+from corral.supervisor.api.errors import error_response, family_for_path
+from corral.supervisor.errors import CorralError, PayloadTooLarge
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,56 +27,6 @@ log = logging.getLogger("corral")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """Largest request body accepted; bigger ones get 413 before being read in full."""
-
-Family = str  # "ollama" | "openai" | "anthropic"
-
-
-def family_for_path(path: str) -> Family:
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    if path.startswith("/v1/"):
-        return "openai"
-    return "ollama"
-
-
-def _ollama_error(exc: CorralError) -> Response:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
-
-
-def error_response(exc: CorralError, family: Family) -> Response:
-    """The error as `family`'s clients expect it, with the status from supervisor.errors.
-
-    Each family module renders its own shape; imported here, not at the top,
-    because those modules import this one (read_json).
-    """
-    if family == "openai":
-        from corral.supervisor.api import openai
-
-        return openai.render_error(exc)
-    if family == "anthropic":
-        from corral.supervisor.api import anthropic
-
-        return anthropic.render_error(exc)
-    return _ollama_error(exc)
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object; BadRequest for anything else.
-
-    The body size is bounded by BodyLimitMiddleware (PayloadTooLarge while reading).
-    """
-    raw = await request.body()
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"invalid JSON body: {e}") from None
-    except RecursionError:
-        raise BadRequest("invalid JSON body: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 class BodyLimitMiddleware:
@@ -158,15 +107,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def collect_routes(ctx: AppContext) -> list[BaseRoute]:
-    from corral.supervisor.api import anthropic, manage, ollama, openai
-
     # Ollama's last: it owns "/" and its routes never shadow the others'.
     return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *ollama.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:
-    from corral.supervisor.api import access
-
     return [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware), *access.middleware(ctx.settings)]
 
 

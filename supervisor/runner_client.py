@@ -13,6 +13,10 @@ from corral.runner.protocol import (
     ROUTE_HEALTH,
     ROUTE_STATUS,
     ROUTE_TOKENIZE,
+    Chunk,
+    Done,
+    RunnerRequest,
+    done_from_line,
 )
 from corral.supervisor.errors import BadRequest, RunnerFailed
 
@@ -34,6 +38,24 @@ def _raise_for(resp: httpx.Response) -> None:
     if resp.status_code < 500:
         raise BadRequest(msg)
     raise RunnerFailed(msg)
+
+
+StreamEvent = Chunk | Done
+
+
+def event_from_line(line: Any) -> StreamEvent:
+    """One runner stream line as a typed event; an error line raises RunnerFailed.
+
+    The one place the NDJSON line shapes are read on the supervisor side (the
+    test fakes feed their scripted lines through it too).
+    """
+    if not isinstance(line, dict):
+        raise RunnerFailed(f"runner sent a stream line that is not an object: {str(line)[:200]!r}")
+    if line.get("done"):
+        return done_from_line(line)
+    if "error" in line:
+        raise RunnerFailed(str(line["error"]))
+    return Chunk(str(line.get("content") or ""))
 
 
 class RunnerClient:
@@ -113,3 +135,12 @@ class RunnerClient:
                     raise RunnerFailed("runner stream ended before it was done")
         except httpx.HTTPError as e:
             raise RunnerFailed(f"connection to runner broken: {e}") from e
+
+    async def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]:
+        """completion() as typed events: Chunk per text line, then one Done; errors raise."""
+        lines = self.completion(request.to_wire())
+        try:
+            async for line in lines:
+                yield event_from_line(line)
+        finally:
+            await lines.aclose()

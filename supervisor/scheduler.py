@@ -65,6 +65,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from corral.runner.protocol import RunnerRequest
 from corral.supervisor import policy
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
@@ -77,6 +78,7 @@ from corral.supervisor.memory import (
     footprint,
 )
 from corral.supervisor.process import RunnerProcess, RunnerState, StandbyFactory, cleanup_orphans
+from corral.supervisor.runner_client import StreamEvent
 from corral.supervisor.store import ModelRef, normalize_name
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class RunnerAPI(Protocol):
 
     async def detokenize(self, tokens: list[int]) -> str: ...
 
-    def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]: ...
+    def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]: ...
 
 
 class Runner(Protocol):
@@ -364,20 +366,20 @@ class Lease:
         await self._entry.process.wait_exited(2.0)
         return self._failed(e)
 
-    async def completion(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """POST /completion on the runner; yields NDJSON lines as dicts.
+    async def completion(self, request: RunnerRequest) -> AsyncIterator[StreamEvent]:
+        """POST /completion on the runner: Chunk events, then one Done.
 
         Raises BadRequest (runner answered 4xx, its message kept) or RunnerFailed
-        (runner answered 5xx or the connection broke; the message ends with the
-        runner's last stderr line) before or during the stream. Closing the
-        iterator early (client gone) cancels the runner's sequence.
+        (runner answered 5xx, sent an error line or the connection broke; the
+        message ends with the runner's last stderr line) before or during the
+        stream. Closing the iterator early (client gone) cancels the runner's sequence.
         """
         if self._released:
             raise RuntimeError("lease already released")
-        stream = self._entry.process.client.completion(body)
+        stream = self._entry.process.client.events(request)
         try:
-            async for line in stream:
-                yield line
+            async for event in stream:
+                yield event
         except RunnerFailed as e:
             raise await self._runner_error(e) from e
         finally:

@@ -12,7 +12,6 @@ import httpx
 import httpx2
 import pytest
 from corral.runner.protocol import chunk_line, done_line
-from corral.supervisor.api.anthropic import StopScanner
 from corral.supervisor.app import create_app
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import Busy
@@ -90,25 +89,28 @@ async def test_max_tokens_stop_reason(client: anthropic.AsyncAnthropic) -> None:
 
 
 async def test_stop_sequence(client: anthropic.AsyncAnthropic, sched: FakeScheduler) -> None:
-    sched.script = text_script("Hello", " wor", "ld. STOP", " more", prompt_tokens=6)
+    # The runner matches stop strings (it got them as options.stop) and names the one
+    # that ended the text on its done line; the route reports it.
+    sched.script = text_script("Hello", " world. ", prompt_tokens=6, stop_sequence="STOP")
     m = await client.messages.create(model=TINY, max_tokens=50, messages=USER, stop_sequences=["STOP", "zzz"])
+    assert sched.bodies[-1]["options"]["stop"] == ["STOP", "zzz"]
     assert m.content[0].text == "Hello world. "  # type: ignore[union-attr]
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == "STOP"
-    assert sched.leases[-1].closed_early  # the runner's sequence was cancelled
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (6, 2)  # the runner's own counts
     async with client.messages.stream(model=TINY, max_tokens=50, messages=USER,
                                       stop_sequences=["STOP"]) as s:
         text = "".join([t async for t in s.text_stream])
         final = await s.get_final_message()
     assert text == "Hello world. " and final.stop_reason == "stop_sequence" and final.stop_sequence == "STOP"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (6, 2)
+    assert all(lease.released for lease in sched.leases)
 
 
-def test_stop_scanner_holds_back_prefixes() -> None:
-    s = StopScanner(["</end>"])
-    assert s.feed("abc</") == "abc"
-    assert s.feed("en") == ""
-    assert s.feed("x") == "</enx"
-    assert s.feed("y</end>z") == "y" and s.matched == "</end>"
-    assert StopScanner([]).feed("</") == "</"
+async def test_too_many_stop_sequences_is_400(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/messages", json={"model": TINY, "max_tokens": 5, "messages": USER,
+                                              "stop_sequences": [f"s{i}" for i in range(17)]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "'stop_sequences'" in r.json()["error"]["message"]
 
 
 async def test_stream(client: anthropic.AsyncAnthropic, http: httpx.AsyncClient) -> None:

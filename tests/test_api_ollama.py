@@ -15,13 +15,15 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from corral.runner.protocol import chunk_line, done_line
+from corral.runner.protocol import RunnerRequest, chunk_line, done_line
+from corral.supervisor.api import completion
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.toolcalls import ToolCallFilter
 from corral.supervisor.app import MAX_BODY_BYTES, create_app
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import Busy, InsufficientMemory, RunnerFailed
 from corral.supervisor.store import ModelRef
+from starlette.types import Message
 
 from tests.support.fake_scheduler import (
     FakeScheduler,
@@ -218,6 +220,18 @@ async def test_client_stream_error_line_after_start(client: httpx.AsyncClient, s
     assert sched.leases[-1].released
     r = await client.post("/api/generate", json={"model": TINY, "prompt": "x", "stream": False})
     assert r.status_code == 500 and "killed" in r.json()["error"]
+
+
+async def test_stream_without_final_line_is_an_error(client: httpx.AsyncClient, sched: FakeScheduler) -> None:
+    # A stream that stops before its done line is never shown as a complete answer.
+    sched.script = [chunk_line("Hi"), chunk_line(" there")]
+    lines = ndjson(await client.post("/api/generate", json={"model": TINY, "prompt": "x"}))
+    assert [line.get("response") for line in lines[:2]] == ["Hi", " there"]
+    assert lines[-1] == {"error": "the model's stream ended without a final line"}
+    r = await client.post("/api/chat", json={"model": TINY, "stream": False,
+                                            "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500 and "without a final line" in r.json()["error"]
+    assert all(lease.released for lease in sched.leases)
 
 
 async def test_failure_before_stream_keeps_its_status(client: httpx.AsyncClient, sched: FakeScheduler) -> None:
@@ -522,3 +536,30 @@ async def test_client_disconnect_over_real_http_closes_the_stream(parts: Any) ->
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+async def test_client_gone_before_the_first_byte_still_releases(parts: Any) -> None:
+    """A disconnect that cancels the response before its body starts (so the body
+    generator never runs) still closes the runner stream and releases the lease."""
+    _, sched, ctx = parts
+    request = completion.CompletionRequest(TINY, RunnerRequest({}, prompt="x"))
+
+    async def render(events: completion.Started) -> AsyncIterator[bytes]:
+        async for event in events:
+            yield repr(event).encode()
+
+    response = await completion.respond(ctx, request, stream=True, render_stream=render,
+                                        render_body=lambda answer: {}, stream_error=lambda e: b"")
+    lease = sched.leases[-1]
+    assert not lease.released  # the first event is in: the runner stream is open
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        await anyio.sleep(5)  # the client is gone before the response head is out
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.0"}, "method": "POST", "path": "/api/generate"}
+    with anyio.fail_after(3):
+        await response(scope, receive, send)
+    assert lease.released and lease.closed_early

@@ -205,6 +205,9 @@ def test_stop_string_cuts_text_and_is_not_emitted(runner: RunnerProcess) -> None
     assert text == full[: full.index(stop)]
     assert stop not in text
     assert done["done_reason"] == "stop"
+    assert done["stop_sequence"] == stop  # the done line names the stop string that matched
+    _, done = stream(runner.url, greedy(PROMPTS[1], 5, stop=["\u2603 never generated"]))
+    assert done["done_reason"] == "length" and done["stop_sequence"] is None
 
 
 def test_generation_ends_at_the_context_window(runner: RunnerProcess, mlx_model: Any) -> None:

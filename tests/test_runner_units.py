@@ -9,7 +9,14 @@ import json
 from typing import Any
 
 import pytest
-from corral.runner.stops import StopMatcher
+from corral.runner.protocol import (
+    BodyError,
+    done_from_line,
+    done_line,
+    json_object,
+    parse_arguments,
+)
+from corral.runner.stops import StopMatcher, held_back
 from corral.runner.tools import ToolCallSplitter
 
 
@@ -37,6 +44,44 @@ def test_stop_matcher(pieces: list[str], stops: tuple[str, ...], want: str, stop
     m = StopMatcher(stops)
     assert feed_all(m, pieces) == want
     assert m.stopped is stopped
+    assert (m.matched is not None) is stopped
+
+
+def test_stop_matcher_names_the_earliest_match() -> None:
+    m = StopMatcher(("two", "one"))
+    assert m.feed("zero one two") == "zero " and m.matched == "one"
+    m = StopMatcher(("abc", "ab"))  # both match at one position: the first given wins
+    assert m.feed("xabc") == "x" and m.matched == "abc"
+    assert StopMatcher(("END",)).matched is None
+
+
+@pytest.mark.parametrize(("buf", "needles", "want"), [
+    ("abc<tool", ("<tool_call>",), 5),
+    ("abc<tool_call", ("<tool_call>",), 10),
+    ("abc", ("<tool_call>",), 0),
+    ("xE", ("END", "Ex"), 1),  # "E" starts both needles
+    ("", ("END",), 0),
+])
+def test_held_back_is_the_longest_partial_match(buf: str, needles: tuple[str, ...], want: int) -> None:
+    assert held_back(buf, needles) == want
+
+
+def test_done_line_round_trips_with_stop_sequence() -> None:
+    line = done_line("stop", prompt_eval_count=3, prompt_eval_duration=10, eval_count=4,
+                     eval_duration=20, stop_sequence="END")
+    assert json.loads(json.dumps(line))["stop_sequence"] == "END"
+    done = done_from_line({**line, "tool_calls": [{"name": "f", "arguments": {}}, "junk"]})
+    assert (done.done_reason, done.eval_count, done.stop_sequence) == ("stop", 4, "END")
+    assert done.tool_calls == ({"name": "f", "arguments": {}},)
+    assert done_line("length", prompt_eval_count=0, prompt_eval_duration=0, eval_count=0,
+                     eval_duration=0)["stop_sequence"] is None
+
+
+def test_parse_arguments() -> None:
+    assert parse_arguments('{"a": 1}') == {"a": 1}
+    assert parse_arguments({"a": 1}) == {"a": 1}
+    with pytest.raises(ValueError):
+        parse_arguments("not json")
 
 
 def test_stop_matcher_holds_back_only_a_possible_prefix() -> None:
@@ -80,3 +125,16 @@ def test_tokenizer_without_tool_calling_passes_text_through() -> None:
     s = ToolCallSplitter(Plain(), tools=[{"type": "function"}])
     assert s.feed("<tool_call>{}</tool_call>") == "<tool_call>{}</tool_call>"
     assert s.finish() == ("", [])
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    (b"", "empty"), (b"  \n", "empty"), (b"{not json", "malformed JSON"), (b"\xff\xfe", "malformed JSON"),
+    (b"[" * 100_000, "malformed JSON"), (b"[1, 2]", "got list"), (b'"text"', "got str"),
+])
+def test_json_object_refuses_what_is_not_one_object(raw: bytes, want: str) -> None:
+    with pytest.raises(BodyError, match=want):
+        json_object(raw)
+
+
+def test_json_object_reads_an_object() -> None:
+    assert json_object(b' {"a": [1]} ') == {"a": [1]}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from corral.runner.protocol import Done, RunnerRequest
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import (
     Busy,
@@ -20,6 +21,7 @@ from corral.supervisor.errors import (
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import NeedEstimate
 from corral.supervisor.process import RunnerProcess
+from corral.supervisor.runner_client import StreamEvent
 from corral.supervisor.scheduler import Lease, PlainFactory, RunnerSpec, Scheduler
 from corral.supervisor.store import ModelRef
 
@@ -127,8 +129,8 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[World]]]
         assert all(gone(p.pid) for p in w.processes if p.pid)
 
 
-async def read_all(lease: Lease, **opts: object) -> list[dict[str, object]]:
-    return [line async for line in lease.completion({"prompt": "x", "options": opts})]
+async def read_all(lease: Lease, **opts: object) -> list[StreamEvent]:
+    return [event async for event in lease.completion(RunnerRequest(dict(opts), prompt="x"))]
 
 
 async def test_racing_acquires_start_one_runner(make: Callable[..., Awaitable[World]]) -> None:
@@ -148,7 +150,7 @@ async def test_loaded_model_is_a_noop(make: Callable[..., Awaitable[World]]) -> 
     await first.release()
     second = await w.acquire("a:latest")
     assert second.load_duration == 0.0 and second.pid == first.pid and w.sched.loads == 1
-    assert (await read_all(second))[-1]["done"] is True
+    assert isinstance((await read_all(second))[-1], Done)
     await second.release()
 
 
@@ -157,7 +159,7 @@ async def test_eviction_finishes_before_the_next_start(make: Callable[..., Await
     async with await w.acquire("a") as lease:
         a_pid = lease.pid
     async with await w.acquire("b") as lease:
-        assert (await read_all(lease))[-1]["done"] is True
+        assert isinstance((await read_all(lease))[-1], Done)
     assert w.starts[1] == ("b", [])  # a's process no longer existed when b's started
     assert gone(a_pid) and w.names() == ["b"]
 
@@ -179,9 +181,9 @@ async def test_busy_model_drains_before_eviction(make: Callable[..., Awaitable[W
 
     async def stream_a() -> int:
         n = 0
-        async for line in lease_a.completion({"prompt": "x", "options": {"num_predict": 20}}):
+        async for line in lease_a.completion(RunnerRequest({"num_predict": 20}, prompt="x")):
             n += 1
-            if line.get("done"):
+            if isinstance(line, Done):
                 events.append("a done")
         await lease_a.release()
         return n
@@ -189,7 +191,7 @@ async def test_busy_model_drains_before_eviction(make: Callable[..., Awaitable[W
     async def get_b() -> None:
         lease = await w.acquire("b")
         events.append("b leased")
-        assert (await read_all(lease))[-1]["done"] is True
+        assert isinstance((await read_all(lease))[-1], Done)
         await lease.release()
 
     task_a = asyncio.create_task(stream_a())
@@ -327,7 +329,7 @@ async def test_crash_mid_stream_then_new_runner(make: Callable[..., Awaitable[Wo
     first_pid = lease.pid
     got = []
     with pytest.raises(RunnerFailed) as ei:
-        async for line in lease.completion({"prompt": "x"}):
+        async for line in lease.completion(RunnerRequest(prompt="x")):
             got.append(line)
     assert len(got) == 2
     assert "crashed after 2 tokens" in ei.value.message
@@ -375,7 +377,7 @@ async def test_stuck_load_does_not_hold_up_another_model(make: Callable[..., Awa
     await until(lambda: len(w.starts) == 1)
     t0 = asyncio.get_running_loop().time()
     async with await w.acquire("b") as lease:
-        assert (await read_all(lease))[-1]["done"] is True
+        assert isinstance((await read_all(lease))[-1], Done)
     assert asyncio.get_running_loop().time() - t0 < 10 and not stuck.done()
     await w.sched.shutdown()  # stops the runner still loading; its waiter is told
     with pytest.raises(Busy):

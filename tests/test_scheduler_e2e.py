@@ -10,11 +10,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+from corral.runner.protocol import Done, RunnerRequest
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import RunnerFailed
 from corral.supervisor.memory import estimate_need
 from corral.supervisor.process import RunnerProcess
-from corral.supervisor.scheduler import PlainFactory, RunnerSpec, Scheduler, default_runner_factory
+from corral.supervisor.runner_client import StreamEvent
+from corral.supervisor.scheduler import (
+    Lease,
+    PlainFactory,
+    RunnerSpec,
+    Scheduler,
+    default_runner_factory,
+)
 from corral.supervisor.store import ModelStore
 
 from tests.conftest import TINY, TINY_B
@@ -58,21 +66,21 @@ async def world(hf_cache: Path, tmp_path: Path) -> AsyncIterator[tuple[Scheduler
     assert all(gone(p.pid) for p in rec.processes if p.pid)
 
 
-async def generate(lease: object, n: int = 8) -> list[dict[str, object]]:
-    body = {"prompt": "hello", "options": {"num_predict": n, "temperature": 0}}
-    return [line async for line in lease.completion(body)]  # type: ignore[attr-defined]
+async def generate(lease: Lease, n: int = 8) -> list[StreamEvent]:
+    request = RunnerRequest({"num_predict": n, "temperature": 0}, prompt="hello")
+    return [event async for event in lease.completion(request)]
 
 
 async def test_memory_limit_fits_one_of_two(world: tuple[Scheduler, Recorder, ModelStore]) -> None:
     sched, rec, _ = world
     async with await sched.acquire(await sched.resolve(TINY)) as lease:
         lines = await generate(lease)
-        assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 8
+        assert isinstance(lines[-1], Done) and lines[-1].eval_count == 8
         a_pid = lease.pid
     row = sched.loaded()[0]
     assert row.name == TINY and row.pid == a_pid and row.size > 0 and row.context_length == CTX
     async with await sched.acquire(await sched.resolve(TINY_B)) as lease:
-        assert (await generate(lease))[-1]["done"] is True
+        assert isinstance((await generate(lease))[-1], Done)
     assert rec.starts == [(TINY, []), (TINY_B, [])]  # TINY was reaped before TINY_B started
     assert gone(a_pid) and [m.name for m in sched.loaded()] == [TINY_B]
 
@@ -83,7 +91,7 @@ async def test_racing_acquires_one_real_runner(world: tuple[Scheduler, Recorder,
     leases = await asyncio.gather(*(sched.acquire(ref) for _ in range(8)))
     assert len(rec.processes) == 1 and {lease.pid for lease in leases} == {rec.processes[0].pid}
     results = await asyncio.gather(*(generate(lease, 4) for lease in leases))
-    assert all(r[-1]["done"] is True for r in results)
+    assert all(isinstance(r[-1], Done) for r in results)
     for lease in leases:
         await lease.release()
 
@@ -94,7 +102,7 @@ async def test_sigkill_mid_stream_then_new_pid(world: tuple[Scheduler, Recorder,
     pid = lease.pid
     got = 0
     with pytest.raises(RunnerFailed) as ei:
-        async for _line in lease.completion({"prompt": "hello", "options": {"num_predict": 400, "temperature": 0}}):
+        async for _line in lease.completion(RunnerRequest({"num_predict": 400, "temperature": 0}, prompt="hello")):
             got += 1
             if got == 1:
                 os.kill(pid, signal.SIGKILL)
@@ -108,4 +116,4 @@ async def test_sigkill_mid_stream_then_new_pid(world: tuple[Scheduler, Recorder,
     assert sched.loaded() == []
     async with await sched.acquire(await sched.resolve(TINY)) as again:
         assert again.pid != pid
-        assert (await generate(again, 4))[-1]["done"] is True
+        assert isinstance((await generate(again, 4))[-1], Done)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corral.runner.protocol import Chunk, Done, RunnerRequest
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import (
     Busy,
@@ -27,6 +28,7 @@ from corral.supervisor.errors import (
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import NeedEstimate
 from corral.supervisor.process import RunnerState
+from corral.supervisor.runner_client import StreamEvent
 from corral.supervisor.scheduler import Lease, RunnerSpec, Scheduler
 from corral.supervisor.store import ModelRef
 
@@ -107,6 +109,8 @@ class FakeClock:
     def pending(self) -> list[FakeTimer]:
         return [t for t in self.timers if not t.cancelled]
 
+REQUEST = RunnerRequest(options={}, prompt="x")
+
 
 class FakeClient:
     def __init__(self, runner: FakeRunner) -> None:
@@ -121,9 +125,9 @@ class FakeClient:
     async def detokenize(self, tokens: list[int]) -> str:
         return "".join(chr(t) for t in tokens)
 
-    async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        yield {"content": "hi", "done": False}
-        yield {"content": "", "done": True}
+    async def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]:
+        yield Chunk("hi")
+        yield Done(prompt_eval_count=1, eval_count=1)
 
 
 @dataclass
@@ -293,7 +297,7 @@ async def test_loaded_model_is_leased_at_once(make: Callable[..., Any]) -> None:
     await first.release()
     second = await w.acquire("A:latest")  # another spelling of the same model
     assert second.load_duration == 0.0 and second.pid == first.pid and w.sched.loads == 1
-    assert [line async for line in second.completion({"prompt": "x"})][-1]["done"] is True
+    assert isinstance([e async for e in second.completion(REQUEST)][-1], Done)
     assert await second.tokenize("ab") == [97, 98]
     await second.release()
     await second.release()  # idempotent
@@ -327,7 +331,7 @@ async def test_busy_victim_drains_never_cut_off(make: Callable[..., Any]) -> Non
     await until(lambda: w.sched._table["a"].draining)
     await settle()
     assert not want_b.done() and w.runner("a").state is RunnerState.READY
-    assert [line async for line in held.completion({"prompt": "x"})][-1]["done"] is True
+    assert isinstance([e async for e in held.completion(REQUEST)][-1], Done)
     await held.release()
     lease_b = await want_b
     assert w.log == ["start a alive=[]", "stopped a", "start b alive=[]"]

@@ -1,7 +1,9 @@
 """The public HTTP APIs: Ollama (ollama.py), OpenAI (openai.py), Anthropic (anthropic.py).
 
-Each module exports `routes(ctx: AppContext) -> list[starlette.routing.BaseRoute]`;
-supervisor.app assembles them. Handlers call ctx.scheduler.acquire() and never
-start runners; they raise supervisor.errors.CorralError subclasses, which each
-family turns into its own error shape.
+Each family module exports `routes(ctx: AppContext) -> list[starlette.routing.BaseRoute]`;
+supervisor.app assembles them. A family parses its request into a
+completion.CompletionRequest and renders the typed runner stream back;
+completion.py acquires the model, runs the runner stream and maps failures.
+Handlers raise supervisor.errors.CorralError subclasses, which errors.py
+renders in each family's shape. No module here imports supervisor.app.
 """

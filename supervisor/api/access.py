@@ -20,6 +20,7 @@ import hmac
 import re
 from collections.abc import Sequence
 
+from corral.supervisor.api.errors import error_response, family_for_path
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import Unauthorized
 from starlette.datastructures import Headers
@@ -79,8 +80,6 @@ class ApiKeyMiddleware:
         if is_open(method, path) or method == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        from corral.supervisor.app import error_response, family_for_path  # app imports us
-
         family = family_for_path(path)
         given = presented_key(Headers(scope=scope), anthropic=family == "anthropic")
         if key_matches(given, expected):

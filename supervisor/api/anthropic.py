@@ -6,11 +6,9 @@ Decisions of ours:
 
 - A model name that is not a local model (SDKs send `claude-*`) is served by
   CORRAL_DEFAULT_MODEL when that is set; otherwise 404 not_found_error.
-- Stop sequences are matched here, not in the runner, so the response can say
-  which one matched (stop_reason "stop_sequence", stop_sequence set). When one
-  matches, the runner stream is closed (cancelling the sequence); the usage
-  then counts the streamed chunks as output tokens, and input_tokens is 0
-  because the runner's final line never came.
+- Stop sequences are matched by the runner like every other stop string;
+  its final line names the one that matched, which becomes stop_reason
+  "stop_sequence" with stop_sequence set (usage keeps the runner's counts).
 - input_tokens is known only when the runner finishes, so message_start
   carries 0 and message_delta carries the real count (the SDK takes it from
   there).
@@ -24,46 +22,43 @@ Decisions of ours:
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
-from corral.supervisor.api.context import AppContext
-from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field
-from corral.supervisor.api.openai import (
-    abandon,
+from corral.runner.protocol import Done, RunnerRequest
+from corral.supervisor.api.completion import (
+    Collected,
+    CompletionRequest,
+    Started,
     new_id,
     respond,
     sse,
-    start_completion,
+)
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.api.errors import anthropic_body, error_response
+from corral.supervisor.api.fields import (
+    bool_field,
+    keep_alive_field,
+    model_field,
+    read_json,
     wire_options,
 )
 from corral.supervisor.api.toolcalls import calls_from, tool_call_out
-from corral.supervisor.app import read_json
-from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
-from corral.supervisor.scheduler import Lease
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-
-log = logging.getLogger("corral")
 
 # ---- errors ----------------------------------------------------------------
 
 
-def error_body(exc: CorralError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
-
-
 def render_error(exc: CorralError) -> Response:
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+    return error_response(exc, "anthropic")
 
 
-def _stream_error(exc: Exception) -> bytes:
-    if not isinstance(exc, CorralError):
-        log.exception("Anthropic stream failed")
-        exc = CorralError(f"internal error: {type(exc).__name__}: {exc}")
-    return sse(error_body(exc), "error")
+def _stream_error(exc: CorralError) -> bytes:
+    return sse(anthropic_body(exc), "error")
 
 
 # ---- request parsing -------------------------------------------------------
@@ -184,44 +179,12 @@ def _stop_sequences(body: dict[str, Any]) -> list[str]:
 def _options(body: dict[str, Any]) -> dict[str, Any]:
     # Anthropic's defaults: temperature 1, no nucleus/top-k filtering, no repeat penalty.
     raw: dict[str, Any] = {"num_predict": _max_tokens(body), "temperature": 1.0, "top_p": 1.0,
-                           "top_k": 0, "repeat_penalty": 1.0}
+                           "top_k": 0, "repeat_penalty": 1.0, "stop": _stop_sequences(body)}
     for key in ("temperature", "top_p", "top_k"):
         if body.get(key) is not None:
             raw[key] = body[key]
     return wire_options(raw, {"num_predict": "max_tokens", "temperature": "temperature",
-                              "top_p": "top_p", "top_k": "top_k"})
-
-
-# ---- stop sequences --------------------------------------------------------
-
-
-class StopScanner:
-    """Finds the first stop sequence in streamed text, holding back possible prefixes of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.buffer = ""
-        self.matched: str | None = None
-
-    def feed(self, text: str) -> str:
-        """Text safe to emit now; sets `matched` when a stop sequence appears."""
-        if not self.stops:
-            return text
-        self.buffer += text
-        hits = [(self.buffer.find(s), s) for s in self.stops if s in self.buffer]
-        if hits:
-            index, self.matched = min(hits)
-            out, self.buffer = self.buffer[:index], ""
-            return out
-        keep = max((k for s in self.stops for k in range(len(s) - 1, 0, -1)
-                    if self.buffer.endswith(s[:k])), default=0)
-        out = self.buffer[:len(self.buffer) - keep]
-        self.buffer = self.buffer[len(out):]
-        return out
-
-    def flush(self) -> str:
-        rest, self.buffer = self.buffer, ""
-        return rest
+                              "top_p": "top_p", "top_k": "top_k", "stop": "stop_sequences"})
 
 
 # ---- one request -------------------------------------------------------------
@@ -245,20 +208,19 @@ class MessageRequest:
         self.ctx = ctx
         self.model = model_field(body)
         self.stream = bool_field(body, "stream")
-        self.keep_alive = keep_alive_field(body)
-        self.stops = _stop_sequences(body)
+        keep_alive = keep_alive_field(body)
         self.tools = _tools(body)
-        self.runner_body: dict[str, Any] = {"options": _options(body), "messages": _messages(body)}
-        if self.tools:
-            self.runner_body["tools"] = self.tools
+        runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools)
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
         self.id = new_id("msg_")
 
     async def respond(self) -> Response:
-        local = _resolve_model(self.ctx, self.model)
-        lease, lines = await start_completion(self.ctx, local, self.keep_alive, self.runner_body)
-        return await respond(lease, lines, stream=self.stream, events=self._stream, collect=self._collect)
+        request = replace(self.request, model=_resolve_model(self.ctx, self.model))
+        return await respond(self.ctx, request, stream=self.stream, render_stream=self._stream,
+                             render_body=self._collected, stream_error=_stream_error,
+                             where="Anthropic stream")
 
-    def _calls(self, text: str, done: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    def _calls(self, text: str, done: Done) -> tuple[str, list[dict[str, Any]]]:
         text, raw = calls_from(text, done, tools_given=bool(self.tools))
         blocks = []
         for call in raw:
@@ -269,42 +231,17 @@ class MessageRequest:
                                "input": args if isinstance(args, dict) else {"value": args}})
         return text, blocks
 
-    def _stop_reason(self, done: dict[str, Any] | None, scanner: StopScanner, calls: bool) -> str:
-        if scanner.matched is not None:
+    @staticmethod
+    def _stop_reason(done: Done, calls: bool) -> str:
+        if done.stop_sequence is not None:
             return "stop_sequence"
         if calls:
             return "tool_use"
-        return "max_tokens" if done is not None and done.get("done_reason") == "length" else "end_turn"
+        return "max_tokens" if done.done_reason == "length" else "end_turn"
 
     @staticmethod
-    def _usage(done: dict[str, Any] | None, chunks: int) -> dict[str, int]:
-        if done is None:  # stopped by a stop sequence: the runner's counts never came
-            return {"input_tokens": 0, "output_tokens": chunks}
-        return {"input_tokens": int(done.get("prompt_eval_count", 0)),
-                "output_tokens": int(done.get("eval_count", 0))}
-
-    async def _run(self, lines: AsyncIterator[dict[str, Any]],
-                   scanner: StopScanner) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-        """(text, None) for each piece of text, then ("", done line or None if a stop matched)."""
-        async for event in lines:
-            if "error" in event:
-                raise RunnerFailed(str(event["error"]))
-            self.chunks += 1 if event.get("content") else 0
-            text = scanner.feed(str(event.get("content", "")))
-            if scanner.matched is not None:
-                if text:
-                    yield text, None
-                yield "", None
-                return
-            if event.get("done"):
-                text += scanner.flush()
-                if text:
-                    yield text, None
-                yield "", event
-                return
-            if text:
-                yield text, None
-        raise RunnerFailed("the model's stream ended without a final line")
+    def _usage(done: Done) -> dict[str, int]:
+        return {"input_tokens": done.prompt_eval_count, "output_tokens": done.eval_count}
 
     def _message(self, content: list[dict[str, Any]], usage: dict[str, int],
                  stop_reason: str | None, stop_sequence: str | None) -> dict[str, Any]:
@@ -312,56 +249,47 @@ class MessageRequest:
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
                 "usage": usage}
 
-    async def _collect(self, lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-        scanner, parts, done = StopScanner(self.stops), list[str](), None
-        self.chunks = 0
-        async for text, last in self._run(lines, scanner):
-            parts.append(text)
-            done = last
-        text, calls = self._calls("".join(parts), done or {})
+    def _collected(self, answer: Collected) -> dict[str, Any]:
+        done = answer.done
+        text, calls = self._calls(answer.text, done)
         content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
         content.extend(calls)
-        return self._message(content, self._usage(done, self.chunks),
-                             self._stop_reason(done, scanner, bool(calls)), scanner.matched)
+        return self._message(content, self._usage(done), self._stop_reason(done, bool(calls)),
+                             done.stop_sequence)
 
-    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-        scanner = StopScanner(self.stops)
-        self.chunks = 0
+    async def _stream(self, events: Started) -> AsyncIterator[bytes]:
         held = ""  # with tools, text waits until we know whether it is a tool call
-        index = 0
-        try:
-            start = self._message([], {"input_tokens": 0, "output_tokens": 0}, None, None)
-            yield sse({"type": "message_start", "message": start}, "message_start")
-            yield sse({"type": "content_block_start", "index": 0,
-                       "content_block": {"type": "text", "text": ""}}, "content_block_start")
-            yield sse({"type": "ping"}, "ping")
-            done: dict[str, Any] | None = None
-            async for text, last in self._run(lines, scanner):
-                done = last
-                if self.tools:
-                    held += text
-                elif text:
-                    yield self._text_delta(text)
-            calls: list[dict[str, Any]] = []
+        start = self._message([], {"input_tokens": 0, "output_tokens": 0}, None, None)
+        yield sse({"type": "message_start", "message": start}, "message_start")
+        yield sse({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}, "content_block_start")
+        yield sse({"type": "ping"}, "ping")
+        async for event in events:
+            if isinstance(event, Done):
+                for piece in self._finish(held, event):
+                    yield piece
+                return
             if self.tools:
-                held, calls = self._calls(held, done or {})
-                if held:
-                    yield self._text_delta(held)
-            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-            for call in calls:
-                index += 1
-                for event in self._tool_use_events(index, call):
-                    yield event
-            usage = self._usage(done, self.chunks)
-            yield sse({"type": "message_delta",
-                       "delta": {"stop_reason": self._stop_reason(done, scanner, bool(calls)),
-                                 "stop_sequence": scanner.matched},
-                       "usage": usage}, "message_delta")
-            yield sse({"type": "message_stop"}, "message_stop")
-        except Exception as e:  # after the 200 went out, an error event is all that is left
-            yield _stream_error(e)
-        finally:
-            await abandon(lease, lines)
+                held += event.content
+            elif event.content:
+                yield self._text_delta(event.content)
+
+    def _finish(self, held: str, done: Done) -> list[bytes]:
+        out: list[bytes] = []
+        calls: list[dict[str, Any]] = []
+        if self.tools:
+            held, calls = self._calls(held, done)
+            if held:
+                out.append(self._text_delta(held))
+        out.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        for index, call in enumerate(calls, start=1):
+            out.extend(self._tool_use_events(index, call))
+        out.append(sse({"type": "message_delta",
+                        "delta": {"stop_reason": self._stop_reason(done, bool(calls)),
+                                  "stop_sequence": done.stop_sequence},
+                        "usage": self._usage(done)}, "message_delta"))
+        out.append(sse({"type": "message_stop"}, "message_stop"))
+        return out
 
     @staticmethod
     def _text_delta(text: str) -> bytes:

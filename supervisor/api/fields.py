@@ -1,4 +1,4 @@
-"""Validating request-body fields: one set of checks for every API family.
+"""Reading and validating request bodies: one set of checks for every API family.
 
 Each raises BadRequest naming the field (`param`), so OpenAI clients see it in
 `error.param` and every family gets the same wording for the same mistake.
@@ -8,8 +8,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.runner.protocol import (
+    BodyError,
+    OptionError,
+    json_object,
+    options_to_wire,
+    parse_options,
+)
 from corral.supervisor.config import parse_keep_alive
 from corral.supervisor.errors import BadRequest
+from starlette.requests import Request
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; BadRequest for anything else.
+
+    The body size is bounded by the app's BodyLimitMiddleware (PayloadTooLarge while reading).
+    """
+    try:
+        return json_object(await request.body())
+    except BodyError as e:
+        raise BadRequest(str(e)) from None
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
@@ -46,3 +65,16 @@ def keep_alive_field(body: dict[str, Any]) -> float | None:
     """Seconds (< 0 forever), or None for the server's default."""
     raw = body.get("keep_alive")
     return None if raw is None else parse_keep_alive(raw)
+
+
+def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    """Validate Ollama-named options into runner wire options; `params` maps an option
+    back to the request field it came from, so a 400 names the field the client sent."""
+    try:
+        return options_to_wire(parse_options(raw))
+    except OptionError as e:
+        message = str(e)
+        for opt, param in params.items():
+            if f"'{opt}'" in message:
+                raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
+        raise BadRequest(message) from None

@@ -20,8 +20,7 @@ from typing import Any
 import anyio
 from corral.supervisor import pull as pulling
 from corral.supervisor.api.context import AppContext
-from corral.supervisor.api.fields import model_field
-from corral.supervisor.app import read_json
+from corral.supervisor.api.fields import model_field, read_json
 from corral.supervisor.errors import BadRequest, CorralError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse

@@ -18,9 +18,7 @@ Decisions of ours:
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -29,21 +27,33 @@ from typing import Any
 
 import anyio
 import corral.supervisor as supervisor
-from corral.runner.protocol import NDJSON, OptionError, options_to_wire, parse_options
+from corral.runner.protocol import (
+    NDJSON,
+    Done,
+    OptionError,
+    RunnerRequest,
+    options_to_wire,
+    parse_options,
+)
+from corral.supervisor.api.completion import Collected, CompletionRequest, Started, acquire, respond
 from corral.supervisor.api.context import AppContext
-from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field, str_field
+from corral.supervisor.api.errors import ollama_body
+from corral.supervisor.api.fields import (
+    bool_field,
+    keep_alive_field,
+    model_field,
+    read_json,
+    str_field,
+)
 from corral.supervisor.api.toolcalls import ToolCallFilter, runner_calls
-from corral.supervisor.app import read_json
 from corral.supervisor.config import apply_patch, settings_to_json
-from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.errors import BadRequest, CorralError
 from corral.supervisor.manifest import Manifest
-from corral.supervisor.scheduler import Lease, LoadedModel
+from corral.supervisor.scheduler import LoadedModel
 from corral.supervisor.store import ModelRef
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-
-log = logging.getLogger("corral")
 
 FOREVER_RFC3339 = "9999-12-31T23:59:59Z"
 MAX_NUM_CTX = 10_000_000
@@ -131,32 +141,6 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def _acquire(ctx: AppContext, name: str, keep_alive: float | None,
-                   num_ctx: int | None) -> Lease:
-    """acquire, pulling the model once if the server allows pulls of it."""
-    try:
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive, num_ctx=num_ctx)
-    except ModelNotFound:
-        if not await _pull_if_allowed(ctx, name):
-            raise
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive, num_ctx=num_ctx)
-
-
-async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
-    try:
-        pull = importlib.import_module("corral.supervisor.pull")
-    except ImportError:  # the pull feature is another part of the project
-        return False
-    return bool(await pull.pull_if_allowed(ctx, name))
-
-
-async def _close(lines: AsyncIterator[Any]) -> None:
-    # An async generator left unclosed keeps the runner's stream (and its slot) busy.
-    aclose = getattr(lines, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
@@ -173,27 +157,24 @@ class Generation:
         self.model = model_field(body)
         self.stream = bool_field(body, "stream", True)
         _refuse_unsupported(body)
-        self.keep_alive = keep_alive_field(body)
-        self.options, self.num_ctx = _sampling(body)
+        keep_alive = keep_alive_field(body)
+        options, num_ctx = _sampling(body)
         self.tools = _tools(body) if chat else None
-        self.runner_body: dict[str, Any] = {"options": self.options}
         if chat:
-            self.messages = _messages(body)
-            self.empty = not self.messages
-            self.runner_body["messages"] = self.messages
-            if self.tools:
-                self.runner_body["tools"] = self.tools
+            messages = _messages(body)
+            self.empty = not messages
+            runner = RunnerRequest(options, messages=messages, tools=self.tools)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
-            raw = bool_field(body, "raw", False)
             self.empty = prompt == ""
-            if raw:
-                self.runner_body["prompt"] = prompt
+            if bool_field(body, "raw", False):
+                runner = RunnerRequest(options, prompt=prompt)
             else:
-                messages = [{"role": "system", "content": system}] if system else []
-                messages.append({"role": "user", "content": prompt})
-                self.runner_body["messages"] = messages
+                turns = [{"role": "system", "content": system}] if system else []
+                turns.append({"role": "user", "content": prompt})
+                runner = RunnerRequest(options, messages=turns)
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx)
         self.ctx = ctx
 
     def line(self, content: str, *, done: bool, calls: list[dict[str, Any]] | None = None,
@@ -211,26 +192,27 @@ class Generation:
             out.update(extra)
         return out
 
-    def final(self, done: dict[str, Any], load_duration: float, content: str = "",
+    def final(self, done: Done, load_duration: float, content: str = "",
               calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return self.line(content, done=True, calls=calls, extra={
-            "done_reason": done.get("done_reason", "stop"),
+            "done_reason": done.done_reason,
             "total_duration": _ns(time.monotonic() - self.started),
             "load_duration": _ns(load_duration),
-            "prompt_eval_count": int(done.get("prompt_eval_count", 0)),
-            "prompt_eval_duration": int(done.get("prompt_eval_duration", 0)),
-            "eval_count": int(done.get("eval_count", 0)),
-            "eval_duration": int(done.get("eval_duration", 0)),
+            "prompt_eval_count": done.prompt_eval_count,
+            "prompt_eval_duration": done.prompt_eval_duration,
+            "eval_count": done.eval_count,
+            "eval_duration": done.eval_duration,
         })
 
     async def load_or_unload(self) -> Response:
         """Empty prompt / messages: load the model (or unload it with keep_alive 0)."""
-        if self.keep_alive == 0:
+        if self.request.keep_alive == 0:
             ref = self.ctx.store.resolve(self.model)
             await self.ctx.scheduler.unload(ref.name)
             reason = "unload"
         else:
-            lease = await _acquire(self.ctx, self.model, self.keep_alive, self.num_ctx)
+            lease = await acquire(self.ctx, self.model, keep_alive=self.request.keep_alive,
+                                  num_ctx=self.request.num_ctx)
             await lease.release()
             reason = "load"
         return JSONResponse(self.line("", done=True, extra={"done_reason": reason}))
@@ -238,86 +220,38 @@ class Generation:
     async def respond(self) -> Response:
         if self.empty:
             return await self.load_or_unload()
-        lease = await _acquire(self.ctx, self.model, self.keep_alive, self.num_ctx)
-        lines = lease.completion(self.runner_body)
-        try:
-            # Pull the first line before answering, so a failure before the stream
-            # starts gets its own HTTP status instead of a 200 with an error line.
-            first = await anext(lines)
-            if "error" in first:
-                raise RunnerFailed(str(first["error"]))
-        except StopAsyncIteration:
-            await self._abandon(lease, lines)
-            raise RunnerFailed("the model's runner answered with an empty stream") from None
-        except BaseException:
-            await self._abandon(lease, lines)
-            raise
-        if self.stream:
-            return StreamingResponse(self._stream(lease, lines, first), media_type=NDJSON)
-        try:
-            return JSONResponse(await self._collect(lease, lines, first))
-        finally:
-            await self._abandon(lease, lines)
+        return await respond(self.ctx, self.request, stream=self.stream, render_stream=self._stream,
+                             render_body=self._collected, stream_error=_stream_error,
+                             media_type=NDJSON, where=f"stream for {self.model}")
 
-    @staticmethod
-    async def _abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:
-        with anyio.CancelScope(shield=True):
-            await _close(lines)
-            await lease.release()
-
-    async def _events(self, lines: AsyncIterator[dict[str, Any]],
-                      first: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        yield first
-        async for line in lines:
-            yield line
-
-    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]],
-                      first: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _stream(self, events: Started) -> AsyncIterator[bytes]:
         tools = ToolCallFilter() if self.tools else None
-        try:
-            async for event in self._events(lines, first):
-                if "error" in event:
-                    yield _dump({"error": str(event["error"])})
-                    return
-                text = str(event.get("content", ""))
-                calls: list[dict[str, Any]] = []
-                if tools is not None:
-                    text, calls = tools.feed(text)
-                    if event.get("done"):
-                        text += tools.flush()
-                if event.get("done"):
-                    calls += runner_calls(event)
-                    if text or calls:
-                        yield _dump(self.line(text, done=False, calls=calls))
-                    yield _dump(self.final(event, lease.load_duration))
-                    return
+        async for event in events:
+            if isinstance(event, Done):
+                text = tools.flush() if tools is not None else ""
+                calls = runner_calls(event)
                 if text or calls:
                     yield _dump(self.line(text, done=False, calls=calls))
-            yield _dump({"error": "the model's stream ended without a final line"})
-        except CorralError as e:
-            yield _dump({"error": e.message})
-        except Exception as e:  # after the 200 went out, an error line is all that is left
-            log.exception("stream for %s failed", self.model)
-            yield _dump({"error": f"internal error: {type(e).__name__}: {e}"})
-        finally:
-            await self._abandon(lease, lines)
+                yield _dump(self.final(event, events.load_duration))
+                return
+            text, calls = event.content, list[dict[str, Any]]()
+            if tools is not None:
+                text, calls = tools.feed(text)
+            if text or calls:
+                yield _dump(self.line(text, done=False, calls=calls))
 
-    async def _collect(self, lease: Lease, lines: AsyncIterator[dict[str, Any]],
-                       first: dict[str, Any]) -> dict[str, Any]:
-        parts: list[str] = []
-        async for event in self._events(lines, first):
-            if "error" in event:
-                raise RunnerFailed(str(event["error"]))
-            parts.append(str(event.get("content", "")))
-            if event.get("done"):
-                text, calls = "".join(parts), list[dict[str, Any]]()
-                if self.tools:
-                    f = ToolCallFilter()
-                    text, calls = f.feed(text)
-                    text += f.flush()
-                calls += runner_calls(event)
-                return self.final(event, lease.load_duration, text, calls)
-        raise RunnerFailed("the model's stream ended without a final line")
+    def _collected(self, answer: Collected) -> dict[str, Any]:
+        text, calls = answer.text, list[dict[str, Any]]()
+        if self.tools:
+            f = ToolCallFilter()
+            text, calls = f.feed(text)
+            text += f.flush()
+        calls += runner_calls(answer.done)
+        return self.final(answer.done, answer.load_duration, text, calls)
+
+
+def _stream_error(exc: CorralError) -> bytes:
+    return _dump(ollama_body(exc))
 
 
 def _dump(obj: dict[str, Any]) -> bytes:

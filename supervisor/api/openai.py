@@ -15,188 +15,50 @@ official `openai` client works unchanged. Decisions of ours:
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
   convention, parsed as on the Ollama routes) when `tools` were given.
 
-The helpers in the "shared" section are used by supervisor/api/anthropic.py too.
+The generation itself runs through supervisor.api.completion; this module
+translates the request and renders the stream.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
-from corral.runner.protocol import OptionError, options_to_wire, parse_options
+from corral.runner.protocol import Done, RunnerRequest
+from corral.supervisor.api.completion import (
+    Collected,
+    CompletionRequest,
+    Started,
+    new_id,
+    respond,
+    sse,
+)
 from corral.supervisor.api.context import AppContext
-from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field
+from corral.supervisor.api.errors import error_response, openai_body
+from corral.supervisor.api.fields import (
+    bool_field,
+    keep_alive_field,
+    model_field,
+    read_json,
+    wire_options,
+)
 from corral.supervisor.api.toolcalls import calls_from, tool_call_out
-from corral.supervisor.app import read_json
-from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound, RunnerFailed
-from corral.supervisor.scheduler import Lease
+from corral.supervisor.errors import BadRequest, CorralError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-log = logging.getLogger("corral")
-
-SSE = "text/event-stream"
 OWNER = "corral"
-
-# ---- shared with anthropic.py ---------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(12)}"
-
-
-def sse(data: Any, event: str | None = None) -> bytes:
-    """One server-sent event; `data` is JSON-encoded unless it is already a string."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
-
-
-def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
-    """Validate Ollama-named options; `params` maps an option back to the request field
-    it came from, so a 400 names the field the client sent."""
-    try:
-        return options_to_wire(parse_options(raw))
-    except OptionError as e:
-        message = str(e)
-        for opt, param in params.items():
-            if f"'{opt}'" in message:
-                raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
-        raise BadRequest(message) from None
-
-
-async def _pull_if_allowed(ctx: AppContext, name: str) -> bool:
-    try:
-        pull = importlib.import_module("corral.supervisor.pull")
-    except ImportError:  # pulling is another part of the project
-        return False
-    return bool(await pull.pull_if_allowed(ctx, name))
-
-
-async def acquire(ctx: AppContext, name: str, keep_alive: float | None) -> Lease:
-    """Load on demand exactly as the Ollama routes do (pulling when the server allows it)."""
-    try:
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive)
-    except ModelNotFound:
-        if not await _pull_if_allowed(ctx, name):
-            raise
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name), keep_alive=keep_alive)
-
-
-async def abandon(lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> None:
-    """Close the runner stream (cancelling its sequence) and release, even when cancelled."""
-    with anyio.CancelScope(shield=True):
-        aclose = getattr(lines, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await lease.release()
-
-
-async def respond(
-    lease: Lease,
-    lines: AsyncIterator[dict[str, Any]],
-    *,
-    stream: bool,
-    events: Callable[[Lease, AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]],
-    collect: Callable[[AsyncIterator[dict[str, Any]]], Awaitable[dict[str, Any]]],
-) -> Response:
-    """The answer to a started completion: an SSE stream (which releases the lease
-    when it ends) or one JSON body (the lease released here)."""
-    if stream:
-        return StreamingResponse(events(lease, lines), media_type=SSE, headers={"Cache-Control": "no-cache"})
-    try:
-        return JSONResponse(await collect(lines))
-    finally:
-        await abandon(lease, lines)
-
-
-async def start_completion(
-    ctx: AppContext, model: str, keep_alive: float | None, body: dict[str, Any]
-) -> tuple[Lease, AsyncIterator[dict[str, Any]]]:
-    """Acquire the model and start the runner stream.
-
-    The first line is read before answering, so a failure before the stream
-    starts gets its own HTTP status instead of a 200 followed by an error event.
-    """
-    lease = await acquire(ctx, model, keep_alive)
-    lines = lease.completion(body)
-    try:
-        first = await anext(lines)
-        if "error" in first:
-            raise RunnerFailed(str(first["error"]))
-    except StopAsyncIteration:
-        await abandon(lease, lines)
-        raise RunnerFailed("the model's runner answered with an empty stream") from None
-    except BaseException:
-        await abandon(lease, lines)
-        raise
-
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        yield first
-        async for line in lines:
-            yield line
-
-    return lease, _Chained(events(), lines)
-
-
-class _Chained:
-    """The stream with its first line put back; closing it closes the runner stream."""
-
-    def __init__(self, it: AsyncIterator[dict[str, Any]], inner: AsyncIterator[dict[str, Any]]) -> None:
-        self._it = it
-        self._inner = inner
-
-    def __aiter__(self) -> _Chained:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        return await anext(self._it)
-
-    async def aclose(self) -> None:
-        for it in (self._it, self._inner):
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-# ---- errors ----------------------------------------------------------------
-
-
-def error_body(exc: CorralError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": exc.message,
-            "type": exc.openai_type,
-            "param": getattr(exc, "param", None),
-            "code": _code(exc),
-        }
-    }
-
-
-def _code(exc: CorralError) -> str | None:
-    if isinstance(exc, ModelNotFound):
-        return "model_not_found"
-    if exc.status == 401:
-        return "invalid_api_key"
-    return None
 
 
 def render_error(exc: CorralError) -> Response:
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+    return error_response(exc, "openai")
 
 
-def _stream_error(exc: Exception) -> bytes:
-    if not isinstance(exc, CorralError):
-        log.exception("OpenAI stream failed")
-        exc = CorralError(f"internal error: {type(exc).__name__}: {exc}")
-    return sse(error_body(exc))
+def _stream_error(exc: CorralError) -> bytes:
+    return sse(openai_body(exc))
 
 
 # ---- request parsing -------------------------------------------------------
@@ -341,15 +203,15 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return bool_field(opts, "include_usage")
 
 
-def _usage(done: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = int(done.get("prompt_eval_count", 0)), int(done.get("eval_count", 0))
+def _usage(done: Done) -> dict[str, int]:
+    prompt, completion = done.prompt_eval_count, done.eval_count
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _finish_reason(done: dict[str, Any], calls: list[dict[str, Any]]) -> str:
+def _finish_reason(done: Done, calls: list[dict[str, Any]]) -> str:
     if calls:
         return "tool_calls"
-    return "length" if done.get("done_reason") == "length" else "stop"
+    return "length" if done.done_reason == "length" else "stop"
 
 
 def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -376,18 +238,15 @@ class Completion:
         self.model = model_field(body)
         self.stream = bool_field(body, "stream")
         self.include_usage = _include_usage(body) if self.stream else False
-        self.keep_alive = keep_alive_field(body)
+        keep_alive = keep_alive_field(body)
         _response_format(body)
         if chat and body.get("logprobs"):
             raise BadRequest("'logprobs' is not supported", param="logprobs")
         self.tools = _tools(body) if chat else None
-        self.runner_body: dict[str, Any] = {"options": _sampling(body)}
-        if chat:
-            self.runner_body["messages"] = _messages(body)
-            if self.tools:
-                self.runner_body["tools"] = self.tools
-        else:
-            self.runner_body["prompt"] = _prompt(body)
+        options = _sampling(body)
+        runner = (RunnerRequest(options, messages=_messages(body), tools=self.tools) if chat
+                  else RunnerRequest(options, prompt=_prompt(body)))
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
         self.id = new_id("chatcmpl-" if chat else "cmpl-")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -397,22 +256,13 @@ class Completion:
                 "system_fingerprint": OWNER}
 
     async def respond(self) -> Response:
-        lease, lines = await start_completion(self.ctx, self.model, self.keep_alive, self.runner_body)
-        return await respond(lease, lines, stream=self.stream, events=self._stream, collect=self._collect)
+        return await respond(self.ctx, self.request, stream=self.stream, render_stream=self._stream,
+                             render_body=self._result, stream_error=_stream_error, where="OpenAI stream")
 
     # -- non-streaming
 
-    async def _collect(self, lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-        parts: list[str] = []
-        async for event in lines:
-            if "error" in event:
-                raise RunnerFailed(str(event["error"]))
-            parts.append(str(event.get("content", "")))
-            if event.get("done"):
-                return self._result("".join(parts), event)
-        raise RunnerFailed("the model's stream ended without a final line")
-
-    def _result(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
+    def _result(self, answer: Collected) -> dict[str, Any]:
+        text, done = answer.text, answer.done
         out = self._envelope(self.object)
         if self.chat:
             text, calls = calls_from(text, done, tools_given=bool(self.tools))
@@ -443,32 +293,22 @@ class Completion:
     def _text_chunk(self, text: str) -> bytes:
         return self._chunk({"content": text} if self.chat else text)
 
-    async def _stream(self, lease: Lease, lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async def _stream(self, events: Started) -> AsyncIterator[bytes]:
         held = ""  # with tools, text is held back until we know whether it is a tool call
-        try:
-            if self.chat:
-                yield self._chunk({"role": "assistant", "content": "", "refusal": None})
-            async for event in lines:
-                if "error" in event:
-                    yield _stream_error(RunnerFailed(str(event["error"])))
-                    return
-                text = str(event.get("content", ""))
-                if self.tools:
-                    held += text
-                elif text:
-                    yield self._text_chunk(text)
-                if event.get("done"):
-                    for chunk in self._finish(held, event):
-                        yield chunk
-                    yield b"data: [DONE]\n\n"
-                    return
-            yield _stream_error(RunnerFailed("the model's stream ended without a final line"))
-        except Exception as e:  # after the 200 went out, an error event is all that is left
-            yield _stream_error(e)
-        finally:
-            await abandon(lease, lines)
+        if self.chat:
+            yield self._chunk({"role": "assistant", "content": "", "refusal": None})
+        async for event in events:
+            if isinstance(event, Done):
+                for chunk in self._finish(held, event):
+                    yield chunk
+                yield b"data: [DONE]\n\n"
+                return
+            if self.tools:
+                held += event.content
+            elif event.content:
+                yield self._text_chunk(event.content)
 
-    def _finish(self, held: str, done: dict[str, Any]) -> list[bytes]:
+    def _finish(self, held: str, done: Done) -> list[bytes]:
         chunks: list[bytes] = []
         calls: list[dict[str, Any]] = []
         if self.chat:

@@ -1,15 +1,19 @@
 """Tool calls in generated text, shared by the Ollama, OpenAI and Anthropic routes.
 
 The runner parses tool calls itself when the model's tokenizer supports them
-(mlx_lm's tool parsers) and puts them on its done line; `runner_calls` adapts
-those. For templates it cannot parse, `<tool_call>{json}</tool_call>` blocks
-(the Hermes/Qwen convention) are split out of the text here.
+(mlx_lm's tool parsers) and puts them on its done line (Done.tool_calls,
+{"name", "arguments"}). For templates it cannot parse,
+`<tool_call>{json}</tool_call>` blocks (the Hermes/Qwen convention) are split
+out of the text here.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from corral.runner.protocol import Done, parse_arguments
+from corral.runner.stops import held_back
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 
@@ -19,26 +23,18 @@ def _parse_call(text: str) -> dict[str, Any] | None:
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+    if not isinstance(value, dict):
         return None
-    args = value.get("arguments", value.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
+    parsed = tool_call_out(value)
+    if parsed is None or not isinstance(parsed[1], dict):
         return None
-    return {"function": {"name": value["name"], "arguments": args}}
+    return {"function": {"name": parsed[0], "arguments": parsed[1]}}
 
 
-def runner_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
+def runner_calls(done: Done) -> list[dict[str, Any]]:
     """Tool calls the runner parsed itself ({"name", "arguments"}), in Ollama's shape."""
-    raw = done.get("tool_calls")
-    if not isinstance(raw, list):
-        return []
     return [{"function": {"name": c["name"], "arguments": c.get("arguments") or {}}}
-            for c in raw if isinstance(c, dict) and isinstance(c.get("name"), str)]
+            for c in done.tool_calls if isinstance(c.get("name"), str)]
 
 
 class ToolCallFilter:
@@ -57,10 +53,7 @@ class ToolCallFilter:
         while True:
             start = self.buffer.find(_OPEN)
             if start < 0:
-                # keep a suffix that could be the beginning of the open tag
-                keep = next((k for k in range(len(_OPEN) - 1, 0, -1)
-                             if self.buffer.endswith(_OPEN[:k])), 0)
-                cut = len(self.buffer) - keep
+                cut = len(self.buffer) - held_back(self.buffer, (_OPEN,))
                 visible += self.buffer[:cut]
                 self.buffer = self.buffer[cut:]
                 return visible, calls
@@ -84,18 +77,20 @@ class ToolCallFilter:
 
 
 def tool_call_out(call: dict[str, Any]) -> tuple[str, Any] | None:
-    """(name, arguments) from the runner's {"name","arguments"} or Ollama's {"function": {...}}."""
+    """(name, arguments) from the runner's {"name","arguments"} or Ollama's {"function": {...}}.
+
+    Arguments sent as a JSON string are decoded; a string that is not JSON is kept as is.
+    """
     inner = call.get("function")
     fn: dict[str, Any] = inner if isinstance(inner, dict) else call
     name = fn.get("name")
     if not isinstance(name, str):
         return None
     args = fn.get("arguments", fn.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            pass
+    try:
+        args = parse_arguments(args)
+    except ValueError:
+        pass
     return name, args
 
 
@@ -106,11 +101,11 @@ def text_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     return visible + f.flush(), list(calls)
 
 
-def calls_from(text: str, done: dict[str, Any], *, tools_given: bool) -> tuple[str, list[dict[str, Any]]]:
+def calls_from(text: str, done: Done, *, tools_given: bool) -> tuple[str, list[dict[str, Any]]]:
     """(visible text, raw calls) for a whole answer: the runner's own parse from its
     done line when it made one, else `<tool_call>` blocks split out of the text
     (only when the request offered tools)."""
-    calls = [c for c in done.get("tool_calls") or [] if isinstance(c, dict)]
+    calls: list[dict[str, Any]] = list(done.tool_calls)
     if tools_given and not calls:
         text, calls = text_tool_calls(text)
     return text, calls

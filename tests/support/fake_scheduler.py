@@ -3,7 +3,9 @@
 The API layers only talk to `ctx.store` and `ctx.scheduler`; these fakes keep
 the same method names and exceptions so a handler can be exercised through
 httpx.ASGITransport without runner subprocesses. Scripted runner lines stand
-in for the runner's NDJSON stream (shapes from runner.protocol).
+in for the runner's NDJSON stream (shapes from runner.protocol); the fake lease
+turns them into typed events with the real client's parser, so it yields
+Chunk/Done and raises RunnerFailed on an error line exactly as a Lease does.
 
     store = FakeStore.with_models("corral-test/tiny", "corral-test/tiny-b")
     sched = FakeScheduler(store, script=lambda body: text_script("Hello world"))
@@ -21,11 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from corral.runner.protocol import chunk_line, done_line, error_line
+from corral.runner.protocol import RunnerRequest, chunk_line, done_line, error_line
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import CorralError, InvalidModelName, ModelNotFound
 from corral.supervisor.manifest import Manifest
+from corral.supervisor.runner_client import StreamEvent, event_from_line
 from corral.supervisor.scheduler import LoadedModel
 from corral.supervisor.store import ModelRef
 
@@ -126,11 +129,13 @@ class FakeStore:
 Script = list[dict[str, Any]]
 
 
-def text_script(*pieces: str, reason: str = "stop", prompt_tokens: int = 5) -> Script:
-    """Runner lines producing `pieces`, then the done line."""
+def text_script(*pieces: str, reason: str = "stop", prompt_tokens: int = 5,
+                stop_sequence: str | None = None) -> Script:
+    """Runner lines producing `pieces`, then the done line (naming the stop string that
+    ended the text, as the runner does, when `stop_sequence` is given)."""
     lines = [chunk_line(p) for p in pieces]
     lines.append(done_line(reason, prompt_eval_count=prompt_tokens, prompt_eval_duration=1_000,
-                           eval_count=len(pieces), eval_duration=2_000))
+                           eval_count=len(pieces), eval_duration=2_000, stop_sequence=stop_sequence))
     return lines
 
 
@@ -149,18 +154,22 @@ class FakeLease:
         self.load_duration = 0.0
         self._script = script
         self._fail = fail
+        self._script_for: Callable[[dict[str, Any]], Script] | None = None  # a script per body
         self.released = False
         self.closed_early = False
 
-    async def completion(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def completion(self, request: RunnerRequest) -> AsyncIterator[StreamEvent]:
+        body = request.to_wire()  # what the runner would be sent
         self.sched.bodies.append(body)
         if self._fail is not None:
             raise self._fail
+        if self._script_for is not None:
+            self._script = self._script_for(body)
         finished = False
         try:
             for line in self._script:
                 await asyncio.sleep(self.sched.line_delay)
-                yield line
+                yield event_from_line(line)
             finished = True
         finally:
             if not finished:
@@ -232,21 +241,13 @@ class FakeScheduler:
         if ref.name.lower() in self.errors:
             raise self.errors[ref.name.lower()]
         manifest = self.store.manifest(ref)
-        script = self.script({}) if callable(self.script) else self.script
+        script = [] if callable(self.script) else self.script
         ctx_len = min(num_ctx or 4096, manifest.max_context)
         lease = FakeLease(self, ref, manifest, script,
                           self.fail_completion.get(ref.name.lower()), ctx_len)
         lease.sched = self
         if callable(self.script):
-            # The script may depend on the body: resolve it when completion is called.
-            body_script = self.script
-
-            async def completion(body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-                lease._script = body_script(body)
-                async for line in FakeLease.completion(lease, body):
-                    yield line
-
-            lease.completion = completion  # type: ignore[method-assign]
+            lease._script_for = self.script  # the script may depend on the body
         self.leases.append(lease)
         self.active[ref.name] = self.active.get(ref.name, 0) + 1
         forever = keep_alive is not None and keep_alive < 0

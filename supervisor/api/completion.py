@@ -1,0 +1,235 @@
+"""The one completion pipeline every API family runs a generation through.
+
+A family module parses its request into a CompletionRequest and renders the
+typed runner stream (runner.protocol's Chunk and Done events) back into its
+own shape; everything in between lives here:
+
+- acquire the model, pulling it first when it is not local and the server
+  allows pulls of it (CORRAL_ALLOW_PULL);
+- start the runner stream and wait for its first event before answering, so a
+  failure before the first byte becomes the family's HTTP error instead of a
+  200 followed by an error event;
+- answer with a stream (failures after the 200 become the family's in-band
+  error line or event) or with one body built from the whole text;
+- close the runner stream (which cancels the runner's sequence) and release the
+  lease when the answer ends, also when the client went away and the request
+  task is being cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from corral.runner.protocol import Chunk, Done, RunnerRequest
+from corral.supervisor import pull
+from corral.supervisor.api.context import AppContext
+from corral.supervisor.errors import CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.scheduler import Lease
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("corral")
+
+Event = Chunk | Done
+
+SSE = "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """What a family asks of the pipeline: which model, how to hold it, what to run."""
+
+    model: str
+    runner: RunnerRequest
+    keep_alive: float | None = None  # seconds (< 0 forever); None: the server default
+    num_ctx: int | None = None  # None: the server default
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A whole answer: all the text, the runner's final event, and the load wait."""
+
+    text: str
+    done: Done
+    load_duration: float  # seconds this request waited for the model to load
+
+
+async def acquire(ctx: AppContext, name: str, *, keep_alive: float | None = None,
+                  num_ctx: int | None = None) -> Lease:
+    """A lease on `name`, pulling the model once if it is not local and pulls of it are allowed."""
+    try:
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name),
+                                           keep_alive=keep_alive, num_ctx=num_ctx)
+    except ModelNotFound:
+        if not await pull.pull_if_allowed(ctx, name):
+            raise
+        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name),
+                                           keep_alive=keep_alive, num_ctx=num_ctx)
+
+
+class Started:
+    """A runner stream whose first event has arrived; iterate it for every event.
+
+    Iteration raises RunnerFailed if the stream ends before its Done event, so
+    renderers never see a silently truncated answer.
+
+    close() must run once the answer ends: it is what cancels the runner's
+    sequence (if still going) and releases the lease.
+    """
+
+    def __init__(self, lease: Lease, stream: AsyncIterator[Event], first: Event) -> None:
+        self.lease = lease
+        self._stream = stream
+        self._first: Event | None = first
+        self._finished = False  # the Done event came: the stream may end now
+        self._closed = False
+
+    @property
+    def load_duration(self) -> float:
+        return self.lease.load_duration
+
+    def __aiter__(self) -> Started:
+        return self
+
+    async def __anext__(self) -> Event:
+        # the first event is handed back once; after that, straight from the runner stream
+        first = self._first
+        if first is not None:
+            self._first = None
+            event = first
+        else:
+            try:
+                event = await anext(self._stream)
+            except StopAsyncIteration:
+                if self._finished:
+                    raise
+                raise RunnerFailed("the model's stream ended without a final line") from None
+        if isinstance(event, Done):
+            self._finished = True
+        return event
+
+    async def close(self) -> None:
+        """Idempotent: close the runner stream and release the lease, shielded from cancellation."""
+        if not self._closed:
+            self._closed = True
+            await _abandon(self.lease, self._stream)
+
+
+async def _abandon(lease: Lease, stream: AsyncIterator[Event]) -> None:
+    # Shielded: a client disconnect cancels the request task, and the runner's
+    # slot and the lease must still be given back.
+    with anyio.CancelScope(shield=True):
+        aclose = getattr(stream, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            await lease.release()
+
+
+async def start(ctx: AppContext, request: CompletionRequest) -> Started:
+    """Acquire the model, start the runner stream and wait for its first event.
+
+    Errors up to here (no such model, a runner refusing the request) raise, so
+    they become the family's HTTP error; the lease is released on the way out.
+    """
+    lease = await acquire(ctx, request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx)
+    stream = lease.completion(request.runner)
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        await _abandon(lease, stream)
+        raise RunnerFailed("the model's runner answered with an empty stream") from None
+    except BaseException:
+        await _abandon(lease, stream)
+        raise
+    return Started(lease, stream, first)
+
+
+async def collect(started: Started) -> Collected:
+    """Read the whole answer up to its Done, then close the stream."""
+    parts: list[str] = []
+    try:
+        async for event in started:
+            if isinstance(event, Done):
+                return Collected("".join(parts), event, started.load_duration)
+            parts.append(event.content)
+    finally:
+        await started.close()
+    raise AssertionError("unreachable: Started raises when the stream ends before Done")
+
+
+def as_corral_error(exc: Exception, where: str) -> CorralError:
+    """Any failure as a CorralError; an unexpected one is logged with its traceback."""
+    if isinstance(exc, CorralError):
+        return exc
+    log.exception("%s failed", where)
+    return CorralError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _guarded(started: Started, body: AsyncIterator[bytes],
+                   stream_error: Callable[[CorralError], bytes], where: str) -> AsyncIterator[bytes]:
+    try:
+        async for piece in body:
+            yield piece
+    except Exception as e:  # after the 200 went out, an in-band error is all that is left
+        yield stream_error(as_corral_error(e, where))
+    finally:
+        await started.close()
+
+
+async def respond(
+    ctx: AppContext,
+    request: CompletionRequest,
+    *,
+    stream: bool,
+    render_stream: Callable[[Started], AsyncIterator[bytes]],
+    render_body: Callable[[Collected], dict[str, Any]],
+    stream_error: Callable[[CorralError], bytes],
+    media_type: str = SSE,
+    where: str = "completion",
+) -> Response:
+    """Run `request` and answer: render_stream's bytes as a streaming response, or
+    render_body's object as JSON. `stream_error` renders a failure mid-stream."""
+    started = await start(ctx, request)
+    if stream:
+        body = _guarded(started, render_stream(started), stream_error, where)
+        headers = {"Cache-Control": "no-cache"} if media_type == SSE else None
+        return _StartedResponse(started, body, media_type=media_type, headers=headers)
+    return JSONResponse(render_body(await collect(started)))
+
+
+class _StartedResponse(StreamingResponse):
+    """A streaming answer that closes its runner stream however sending ends: a client
+    gone before the first byte means the body generator never ran its own cleanup."""
+
+    def __init__(self, started: Started, body: AsyncIterator[bytes], *, media_type: str,
+                 headers: dict[str, str] | None) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._started = started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._started.close()
+
+
+# ---- rendering helpers shared by the SSE families (OpenAI, Anthropic) ------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event; `data` is JSON-encoded unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
