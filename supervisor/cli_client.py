@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+from corral.supervisor.config import DEFAULT_HOST, parse_host
 
-DEFAULT_HOST = "127.0.0.1:11434"
+# Wildcard binds and the loopback address a client reaches them on.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class ClientError(Exception):
@@ -37,23 +39,19 @@ class ServerError(ClientError):
 
 
 def base_url(host: str | None = None) -> str:
-    """http://HOST:PORT for CORRAL_HOST's forms ("127.0.0.1:11434", ":8080", "0.0.0.0", a URL)."""
+    """http://HOST:PORT for CORRAL_HOST's forms ("127.0.0.1:11434", ":8080", "0.0.0.0", a URL).
+
+    The address is read as `corral serve` reads it (config.parse_host), so both
+    agree on the defaults; a server bound to every interface is reached on loopback.
+    """
     text = (host if host is not None else os.environ.get("CORRAL_HOST", "")).strip() or DEFAULT_HOST
-    scheme = "http"
-    if "://" in text:
-        scheme, text = text.split("://", 1)
-    text = text.rstrip("/")
-    if text.startswith("["):  # [v6]:port
-        end = text.index("]")
-        name, rest = text[1:end], text[end + 1:]
-        port = rest[1:] if rest.startswith(":") else "11434"
-        name = "::1" if name in ("::", "") else name
-        return f"{scheme}://[{name}]:{port}"
-    name, _, port = text.partition(":")
-    # A server bound to every interface is reached on loopback.
-    if name in ("", "0.0.0.0"):
-        name = "127.0.0.1"
-    return f"{scheme}://{name}:{port or '11434'}"
+    scheme = text.split("://", 1)[0] if "://" in text else "http"
+    try:
+        name, port = parse_host(text)
+    except ValueError:
+        raise ClientError(f"invalid server address {text!r}: use HOST[:PORT]") from None
+    name = _LOOPBACK.get(name, name)
+    return f"{scheme}://[{name}]:{port}" if ":" in name else f"{scheme}://{name}:{port}"
 
 
 def _error_message(response: httpx.Response) -> str:
