@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -83,14 +84,20 @@ class CorralClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One JSON request; the decoded answer (None for an empty body)."""
+    @contextmanager
+    def _transport(self, failure: str) -> Iterator[None]:
+        """httpx's transport failures as ours: CannotConnect, else ServerError(0, failure: why)."""
         try:
-            response = self._http.request(method, path, json=body)
+            yield
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise CannotConnect(self.url) from None
         except httpx.HTTPError as e:
-            raise ServerError(0, f"request to {self.url}{path} failed: {e}") from None
+            raise ServerError(0, f"{failure}: {e}") from None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON request; the decoded answer (None for an empty body)."""
+        with self._transport(f"request to {self.url}{path} failed"):
+            response = self._http.request(method, path, json=body)
         if response.status_code >= 400:
             raise ServerError(response.status_code, _error_message(response))
         if not response.content.strip():
@@ -108,22 +115,18 @@ class CorralClient:
         Closing the generator (e.g. on Ctrl-C) closes the connection, which
         the server takes as the client going away and stops generating.
         """
-        try:
-            with self._http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ServerError(response.status_code, _error_message(response))
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if isinstance(event, dict) and event.get("error"):
-                        raise ServerError(response.status_code, str(event["error"]))
-                    yield event
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            raise CannotConnect(self.url) from None
-        except httpx.HTTPError as e:
-            raise ServerError(0, f"connection to {self.url} broke: {e}") from None
+        with self._transport(f"connection to {self.url} broke"), \
+                self._http.stream("POST", path, json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ServerError(response.status_code, _error_message(response))
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("error"):
+                    raise ServerError(response.status_code, str(event["error"]))
+                yield event
 
     # ---- the API, by name ----
 
