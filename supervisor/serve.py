@@ -20,10 +20,10 @@ from corral.supervisor.errors import BadRequest
 
 log = logging.getLogger("corral")
 
+
 def _help(setting: Setting) -> str:
     """--help for one setting, from its declaration (argparse reads % as a format)."""
-    default = setting.default_text()
-    text = f"{setting.doc} ({setting.env}" + (f", default {default})" if default else ")")
+    text = f"{setting.doc} ({setting.env}, default {setting.default_text()})"
     return text.replace("`", "").replace("%", "%%")
 
 
