@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 from pathlib import Path
+
+from corral.runner.safetensors import SafetensorsError, read_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
 # model_type values mlx_lm maps onto another module (mlx_lm.utils MODEL_REMAPPING).
 _REMAPPED = {"mistral": "llama", "llava": "mistral3", "phi-msft": "phixtral", "falcon_mamba": "mamba"}
-
-# safetensors dtype -> bytes per element, to check each tensor's extent.
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
 
 
 class ModelDirError(Exception):
@@ -59,38 +53,11 @@ def check_model_type(config: dict[str, object], model_dir: Path) -> None:
 
 def check_safetensors(path: Path) -> None:
     """Header parses and every tensor's bytes lie inside the file."""
-    size = path.stat().st_size
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelDirError(f"{path}: truncated safetensors file (no header)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8 or header_len > 100_000_000:
-                raise ModelDirError(f"{path}: corrupt safetensors header (length {header_len})")
-            header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ModelDirError(f"{path}: corrupt safetensors header")
-    data_size = size - 8 - header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            want = count * _DTYPE_BYTES.get(info["dtype"], 0)
-        except (KeyError, TypeError, ValueError):
-            raise ModelDirError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if end > data_size:
-            raise ModelDirError(
-                f"{path}: truncated safetensors file ({name!r} ends at byte {end}, data has {data_size})"
-            )
-        if want and end - start != want:
-            raise ModelDirError(f"{path}: corrupt safetensors entry for {name!r} (size mismatch)")
+        read_header(path)
+    except SafetensorsError as e:
+        # The parser names the file; the runner's one line names its full path.
+        raise ModelDirError(f"{path.parent}/{e}") from None
 
 
 def check_model_dir(model_dir: Path) -> dict[str, object]:

@@ -20,7 +20,6 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -42,12 +42,6 @@ PROMPTS = [
     "It is sunny and warm. What is the weather",
 ]
 CONCURRENCY = (1, 2, 4, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_model(out: Path, hidden: int, layers: int) -> Path:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 
 import httpx
 import psutil
+from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTLE = 4.0  # seconds: the standby runner's imports finish well within this
@@ -48,12 +48,6 @@ def make_model(cache: Path, repo: str, *args: str) -> Path:
         check=True, capture_output=True, text=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

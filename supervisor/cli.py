@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from corral.supervisor.cli_client import CannotConnect, ClientError, CorralClient, ServerError
+from corral.supervisor.config import DEFAULT_HOST
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-EPILOG = """\
+EPILOG = f"""\
 environment:
-  CORRAL_HOST     server address (default 127.0.0.1:11434)
+  CORRAL_HOST     server address (default {DEFAULT_HOST})
   CORRAL_API_KEY  sent as "Authorization: Bearer KEY" when set
 
 exit status:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from corral.supervisor.config import DEFAULT_HOST, parse_host
 
-DEFAULT_HOST = "127.0.0.1:11434"
+# Wildcard binds and the loopback address a client reaches them on.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class ClientError(Exception):
@@ -37,23 +40,19 @@ class ServerError(ClientError):
 
 
 def base_url(host: str | None = None) -> str:
-    """http://HOST:PORT for CORRAL_HOST's forms ("127.0.0.1:11434", ":8080", "0.0.0.0", a URL)."""
+    """http://HOST:PORT for CORRAL_HOST's forms ("127.0.0.1:11434", ":8080", "0.0.0.0", a URL).
+
+    The address is read as `corral serve` reads it (config.parse_host), so both
+    agree on the defaults; a server bound to every interface is reached on loopback.
+    """
     text = (host if host is not None else os.environ.get("CORRAL_HOST", "")).strip() or DEFAULT_HOST
-    scheme = "http"
-    if "://" in text:
-        scheme, text = text.split("://", 1)
-    text = text.rstrip("/")
-    if text.startswith("["):  # [v6]:port
-        end = text.index("]")
-        name, rest = text[1:end], text[end + 1:]
-        port = rest[1:] if rest.startswith(":") else "11434"
-        name = "::1" if name in ("::", "") else name
-        return f"{scheme}://[{name}]:{port}"
-    name, _, port = text.partition(":")
-    # A server bound to every interface is reached on loopback.
-    if name in ("", "0.0.0.0"):
-        name = "127.0.0.1"
-    return f"{scheme}://{name}:{port or '11434'}"
+    scheme = text.split("://", 1)[0] if "://" in text else "http"
+    try:
+        name, port = parse_host(text)
+    except ValueError:
+        raise ClientError(f"invalid server address {text!r}: use HOST[:PORT]") from None
+    name = _LOOPBACK.get(name, name)
+    return f"{scheme}://[{name}]:{port}" if ":" in name else f"{scheme}://{name}:{port}"
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -85,14 +84,20 @@ class CorralClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One JSON request; the decoded answer (None for an empty body)."""
+    @contextmanager
+    def _transport(self, failure: str) -> Iterator[None]:
+        """httpx's transport failures as ours: CannotConnect, else ServerError(0, failure: why)."""
         try:
-            response = self._http.request(method, path, json=body)
+            yield
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise CannotConnect(self.url) from None
         except httpx.HTTPError as e:
-            raise ServerError(0, f"request to {self.url}{path} failed: {e}") from None
+            raise ServerError(0, f"{failure}: {e}") from None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON request; the decoded answer (None for an empty body)."""
+        with self._transport(f"request to {self.url}{path} failed"):
+            response = self._http.request(method, path, json=body)
         if response.status_code >= 400:
             raise ServerError(response.status_code, _error_message(response))
         if not response.content.strip():
@@ -110,22 +115,18 @@ class CorralClient:
         Closing the generator (e.g. on Ctrl-C) closes the connection, which
         the server takes as the client going away and stops generating.
         """
-        try:
-            with self._http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ServerError(response.status_code, _error_message(response))
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if isinstance(event, dict) and event.get("error"):
-                        raise ServerError(response.status_code, str(event["error"]))
-                    yield event
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            raise CannotConnect(self.url) from None
-        except httpx.HTTPError as e:
-            raise ServerError(0, f"connection to {self.url} broke: {e}") from None
+        with self._transport(f"connection to {self.url} broke"), \
+                self._http.stream("POST", path, json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ServerError(response.status_code, _error_message(response))
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("error"):
+                    raise ServerError(response.status_code, str(event["error"]))
+                yield event
 
     # ---- the API, by name ----
 

@@ -1,9 +1,12 @@
 """Configuration: one precedence everywhere.
 
 CLI flag > environment (CORRAL_*) > config file ($CORRAL_HOME/config.toml) >
-default. `GET/PATCH /api/settings` changes the running server's Settings
-object in place; the scheduler reads it at each decision, so a change applies
-to the next load.
+default. Each setting is declared once, in SETTINGS (name, metavar, default,
+parser, doc, whether PATCH may change it, how GET shows it); the serve flags,
+the environment names, the file keys, the Settings defaults and /api/settings
+all come from there. `PATCH /api/settings` changes the running server's
+Settings object in place; the scheduler reads it at each decision, so a change
+applies to the next load.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL
 from corral.supervisor.errors import BadRequest
 
 if sys.version_info >= (3, 11):
@@ -23,45 +27,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_HOST = "127.0.0.1:11434"
-DEFAULT_KEEP_ALIVE = 300.0
+DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_PORT = 11434
+DEFAULT_HOST = f"{DEFAULT_ADDRESS}:{DEFAULT_PORT}"
 FOREVER = -1.0
-
-
-@dataclass
-class Settings:
-    """The running server's configuration. Field names = env names less CORRAL_, lowercased."""
-
-    host: str = "127.0.0.1"
-    port: int = 11434
-    home: Path = field(default_factory=lambda: Path.home() / ".corral")
-    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds; < 0 forever; 0 unload when idle
-    max_loaded_models: int = 0  # 0: no limit but memory
-    single_model: bool = False
-    pinned: list[str] = field(default_factory=list)
-    num_parallel: int = 4
-    max_queue: int = 512
-    context_length: int = 4096
-    memory_limit: int | None = None  # bytes; None: total physical memory
-    memory_limit_raw: str | None = None  # as given ("80%", "24GB"), for display
-    load_timeout: float = 300.0
-    api_key: str | None = None
-    origins: list[str] = field(default_factory=list)
-    allow_pull: str | None = None  # None/"": no; "*" or comma-separated fnmatch patterns
-    default_model: str | None = None  # Anthropic/OpenAI names that are not local map here
-    reserve: int = 512 * 1024 * 1024  # bytes kept free for the OS and the supervisor
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.home / "logs"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-
-# Settings that PATCH /api/settings may change at run time.
-RUNTIME_MUTABLE = ("single_model", "pinned", "keep_alive", "max_loaded_models", "memory_limit")
 
 _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -69,13 +38,14 @@ _COMPOUND_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _COMPOUND_FULL_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
 
 
-def parse_keep_alive(value: Any) -> float:
+def parse_keep_alive(value: Any, name: str = "keep_alive") -> float:
     """keep_alive as Ollama takes it: "5m", "1h30m", "10s", 300, "300", 0, -1.
 
-    Returns seconds; any negative value means forever (FOREVER).
+    Returns seconds; any negative value means forever (FOREVER). `name` is the
+    setting or field the value came from, for the error message.
     """
     if isinstance(value, bool) or value is None:
-        raise BadRequest(f"invalid keep_alive {value!r}", param="keep_alive")
+        raise BadRequest(f"invalid {name} {value!r}", param=name)
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -89,13 +59,13 @@ def parse_keep_alive(value: Any) -> float:
                 seconds = -seconds
         else:
             raise BadRequest(
-                f"invalid keep_alive {value!r}: use a duration such as \"5m\", seconds, 0 or -1",
-                param="keep_alive",
+                f"invalid {name} {value!r}: use a duration such as \"5m\", seconds, 0 or -1",
+                param=name,
             )
     else:
-        raise BadRequest(f"invalid keep_alive {value!r}", param="keep_alive")
+        raise BadRequest(f"invalid {name} {value!r}", param=name)
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise BadRequest("keep_alive must be finite", param="keep_alive")
+        raise BadRequest(f"{name} must be finite", param=name)
     return FOREVER if seconds < 0 else seconds
 
 
@@ -160,7 +130,7 @@ def parse_host(value: str) -> tuple[str, int]:
         if text.startswith(prefix):
             text = text[len(prefix) :]
     text = text.rstrip("/")
-    host, port = text, 11434
+    host, port = text, DEFAULT_PORT
     if text.startswith("["):
         end = text.index("]")
         host, rest = text[1:end], text[end + 1 :]
@@ -169,52 +139,227 @@ def parse_host(value: str) -> tuple[str, int]:
     elif text.count(":") == 1:
         host, port_text = text.split(":")
         port = int(port_text)
-    return host or "127.0.0.1", port
+    return host or DEFAULT_ADDRESS, port
 
 
-def _convert(name: str, value: Any, total_memory: int) -> dict[str, Any]:
-    """One raw setting (from flag, env or file) into Settings field values."""
-    if name == "host":
-        host, port = parse_host(str(value))
-        return {"host": host, "port": port}
-    if name == "home":
-        return {"home": Path(str(value)).expanduser()}
-    if name == "keep_alive":
-        return {"keep_alive": parse_keep_alive(value)}
-    if name in ("max_loaded_models", "num_parallel", "max_queue", "context_length"):
+# ---- the settings table -----------------------------------------------------
+#
+# Every setting is declared once below; the `corral serve` flags, the CORRAL_*
+# environment names, the config.toml keys, the Settings defaults, GET
+# /api/settings and the PATCH rules are all read from that declaration (and a
+# test checks the README's table against it).
+
+# (setting name, raw value, total physical memory) -> the Settings fields it sets
+Parser = Callable[[str, Any, int], dict[str, Any]]
+
+
+def _address(name: str, raw: Any, total: int) -> dict[str, Any]:
+    host, port = parse_host(str(raw))
+    return {"host": host, "port": port}
+
+
+def _path(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: Path(str(raw)).expanduser()}
+
+
+def _duration(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_keep_alive(raw, name)}
+
+
+def _count(minimum: int) -> Parser:
+    """An integer setting of at least `minimum`."""
+
+    def parse(name: str, raw: Any, total: int) -> dict[str, Any]:
         try:
-            number = int(value)
+            number = int(raw)
         except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be an integer, got {value!r}") from None
-        if number < 0 or (name in ("num_parallel", "context_length") and number < 1):
+            raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+        if number < minimum:
             raise BadRequest(f"{name} out of range: {number}")
         return {name: number}
-    if name == "single_model":
-        return {"single_model": parse_bool(value)}
-    if name in ("pinned", "origins"):
-        return {name: parse_list(value)}
-    if name == "memory_limit":
-        return {"memory_limit": parse_memory_limit(value, total_memory), "memory_limit_raw": None if value in (None, "") else str(value)}
-    if name == "load_timeout":
-        return {"load_timeout": parse_keep_alive(value) if isinstance(value, str) else float(value)}
-    if name in ("api_key", "allow_pull", "default_model"):
-        return {name: (str(value) if value not in (None, "") else None)}
-    if name == "reserve":
-        return {"reserve": parse_memory_limit(value, total_memory) or 0}
-    raise BadRequest(f"unknown setting {name!r}")
+
+    return parse
 
 
-SETTING_NAMES = (
-    "host", "home", "keep_alive", "max_loaded_models", "single_model", "pinned",
-    "num_parallel", "max_queue", "context_length", "memory_limit", "load_timeout",
-    "api_key", "origins", "allow_pull", "default_model", "reserve",
+def _switch(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_bool(raw)}
+
+
+def _names(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_list(raw)}
+
+
+def _memory_limit(name: str, raw: Any, total: int) -> dict[str, Any]:
+    # The raw form ("80%") is kept too, for display.
+    return {name: parse_memory_limit(raw, total), f"{name}_raw": None if raw in (None, "") else str(raw)}
+
+
+def _bytes(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_memory_limit(raw, total) or 0}
+
+
+def _text(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: str(raw) if raw not in (None, "") else None}
+
+
+# Settings -> its part of GET /api/settings
+Shower = Callable[["Settings", str], dict[str, Any]]
+
+
+def _show_value(s: Settings, name: str) -> dict[str, Any]:
+    value = getattr(s, name)
+    return {name: list(value) if isinstance(value, list) else value}
+
+
+def _show_text(s: Settings, name: str) -> dict[str, Any]:
+    return {name: str(getattr(s, name))}
+
+
+def _show_address(s: Settings, name: str) -> dict[str, Any]:
+    return {name: f"{s.host}:{s.port}"}
+
+
+def _show_memory_limit(s: Settings, name: str) -> dict[str, Any]:
+    return {name: s.memory_limit, f"{name}_raw": s.memory_limit_raw}
+
+
+def _show_is_set(s: Settings, name: str) -> dict[str, Any]:
+    # A secret: only whether it is set, never the value.
+    return {f"{name}_set": getattr(s, name) is not None}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: config.toml key `name`, environment CORRAL_NAME, flag --name."""
+
+    name: str
+    metavar: str  # what a value looks like (the flag's metavar)
+    default: Any  # as it would be written in config.toml; None: unset (see default_note)
+    parse: Parser
+    doc: str  # one line (README and --help); markdown `code` allowed
+    default_note: str = ""  # how the default reads when unset, or a gloss on it
+    mutable: bool = False  # PATCH /api/settings may change it at run time
+    flag: bool = True  # `corral serve` has a flag for it
+    bare: str | None = None  # what the flag given without a value means
+    show: Shower = _show_value
+
+    @property
+    def env(self) -> str:
+        return f"CORRAL_{self.name.upper()}"
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def default_text(self, code: Callable[[str], str] = str) -> str:
+        """The default in words: `code` marks a literal value (backticks in markdown)."""
+        if self.default is None or self.default is False:
+            return self.default_note
+        text = code(str(self.default))
+        return f"{text} ({self.default_note})" if self.default_note else text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "HOST[:PORT]", DEFAULT_HOST, _address,
+            "address to bind (and the CLI's server)", show=_show_address),
+    Setting("home", "DIR", "~/.corral", _path,
+            "registry, logs, config.toml", show=_show_text),
+    Setting("keep_alive", "DURATION", "5m", _duration,
+            "idle time before unload; `0` at once, negative forever", mutable=True),
+    Setting("max_loaded_models", "N", 0, _count(0),
+            "cap on loaded models", default_note="memory decides", mutable=True),
+    Setting("single_model", "BOOL", False, _switch,
+            "loading a model evicts every other non-pinned one", default_note="off",
+            mutable=True, bare="true"),
+    Setting("pinned", "MODELS", None, _names,
+            "comma-separated models loaded at start and never evicted", default_note="none",
+            mutable=True),
+    Setting("num_parallel", "N", DEFAULT_NUM_PARALLEL, _count(1),
+            "sequences decoded together per model"),
+    Setting("max_queue", "N", 512, _count(0),
+            "waiting requests before 503 + Retry-After"),
+    Setting("context_length", "TOKENS", DEFAULT_NUM_CTX, _count(1),
+            "num_ctx per sequence (capped at the model's maximum)"),
+    Setting("memory_limit", "SIZE", None, _memory_limit,
+            "bytes, `24GB` or `80%`", default_note="physical memory", mutable=True,
+            show=_show_memory_limit),
+    Setting("load_timeout", "DURATION", "5m", _duration,
+            "a runner not ready by then fails the request (503)"),
+    Setting("api_key", "KEY", None, _text,
+            "require `Authorization: Bearer` / `x-api-key` on API routes", default_note="none",
+            show=_show_is_set),
+    Setting("origins", "ORIGINS", None, _names,
+            "extra CORS origins", default_note="local origins"),
+    Setting("allow_pull", "PATTERNS", None, _text,
+            "`*` or patterns: generate/chat may pull a missing model", default_note="no", bare="*"),
+    Setting("default_model", "MODEL", None, _text,
+            "model for Anthropic/OpenAI names that are not local (`claude-*`)", default_note="none"),
+    Setting("reserve", "SIZE", "512MiB", _bytes,
+            "memory kept free for the OS and the supervisor", flag=False),
 )
+SETTING_NAMES = tuple(s.name for s in SETTINGS)
+RUNTIME_MUTABLE = tuple(s.name for s in SETTINGS if s.mutable)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _defaults_of(setting: Setting) -> dict[str, Any]:
+    """The Settings fields `setting` sets when nothing overrides its default."""
+    return setting.parse(setting.name, setting.default, 0)
+
+
+def _default(field_name: str) -> Callable[[], Any]:
+    """A Settings field's default factory: made afresh from the declaration for each
+    Settings, so lists are never shared and ~ is expanded when it is built."""
+    owner = next(s for s in SETTINGS if field_name in _defaults_of(s))
+    return lambda: _defaults_of(owner)[field_name]
+
+
+@dataclass
+class Settings:
+    """The running server's configuration. Defaults come from SETTINGS."""
+
+    host: str = field(default_factory=_default("host"))
+    port: int = field(default_factory=_default("port"))
+    home: Path = field(default_factory=_default("home"))
+    keep_alive: float = field(default_factory=_default("keep_alive"))  # seconds; < 0 forever; 0 unload when idle
+    max_loaded_models: int = field(default_factory=_default("max_loaded_models"))  # 0: no limit but memory
+    single_model: bool = field(default_factory=_default("single_model"))
+    pinned: list[str] = field(default_factory=_default("pinned"))
+    num_parallel: int = field(default_factory=_default("num_parallel"))
+    max_queue: int = field(default_factory=_default("max_queue"))
+    context_length: int = field(default_factory=_default("context_length"))
+    memory_limit: int | None = field(default_factory=_default("memory_limit"))  # bytes; None: total physical memory
+    memory_limit_raw: str | None = field(default_factory=_default("memory_limit_raw"))  # as given ("80%"), for display
+    load_timeout: float = field(default_factory=_default("load_timeout"))
+    api_key: str | None = field(default_factory=_default("api_key"))
+    origins: list[str] = field(default_factory=_default("origins"))
+    allow_pull: str | None = field(default_factory=_default("allow_pull"))  # None: no; "*" or comma-separated fnmatch patterns
+    default_model: str | None = field(default_factory=_default("default_model"))  # Anthropic/OpenAI names that are not local map here
+    reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 def total_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
+
+
+def _read_config_file(home: Path) -> dict[str, Any]:
+    path = home / "config.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"{path}: {e}") from None
 
 
 def load_settings(
@@ -226,58 +371,37 @@ def load_settings(
 
     `flags` holds only the options given on the command line (None = not given).
     The config file is $CORRAL_HOME/config.toml, CORRAL_HOME itself resolved
-    by the same precedence; its keys are the setting names (e.g. keep_alive = "10m").
+    by flag > env > default (the file cannot move itself); its keys are the
+    setting names (e.g. keep_alive = "10m").
     """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = os.environ if env is None else env
     total = total_memory if total_memory is not None else total_memory_bytes()
-
-    home_raw = flags.get("home") or env.get("CORRAL_HOME") or str(Path.home() / ".corral")
-    home = Path(home_raw).expanduser()
-    file_values: dict[str, Any] = {}
-    config_path = home / "config.toml"
-    if config_path.is_file():
-        try:
-            file_values = tomllib.loads(config_path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"{config_path}: {e}") from None
-
-    values: dict[str, Any] = {"home": home}
-    for name in SETTING_NAMES:
+    home_setting = _BY_NAME["home"]
+    home_raw = flags.get("home") or env.get(home_setting.env) or home_setting.default
+    values = home_setting.parse("home", home_raw, total)
+    file_values = _read_config_file(values["home"])
+    for setting in SETTINGS:
+        name = setting.name
         raw: Any = None
         if name in flags:
             raw = flags[name]
-        elif f"CORRAL_{name.upper()}" in env:
-            raw = env[f"CORRAL_{name.upper()}"]
+        elif setting.env in env:
+            raw = env[setting.env]
         elif name in file_values:
             raw = file_values[name]
         if raw is None or name == "home":
             continue
-        values.update(_convert(name, raw, total))
-    known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known})
+        values.update(setting.parse(name, raw, total))
+    return Settings(**values)
 
 
 def settings_to_json(s: Settings) -> dict[str, Any]:
     """What GET /api/settings reports (never the API key itself)."""
-    return {
-        "host": f"{s.host}:{s.port}",
-        "home": str(s.home),
-        "keep_alive": s.keep_alive,
-        "max_loaded_models": s.max_loaded_models,
-        "single_model": s.single_model,
-        "pinned": list(s.pinned),
-        "num_parallel": s.num_parallel,
-        "max_queue": s.max_queue,
-        "context_length": s.context_length,
-        "memory_limit": s.memory_limit,
-        "memory_limit_raw": s.memory_limit_raw,
-        "load_timeout": s.load_timeout,
-        "api_key_set": s.api_key is not None,
-        "origins": list(s.origins),
-        "allow_pull": s.allow_pull,
-        "default_model": s.default_model,
-    }
+    shown: dict[str, Any] = {}
+    for setting in SETTINGS:
+        shown.update(setting.show(s, setting.name))
+    return shown
 
 
 def apply_patch(s: Settings, patch: Mapping[str, Any], total_memory: int | None = None) -> list[str]:
@@ -296,10 +420,7 @@ def apply_patch(s: Settings, patch: Mapping[str, Any], total_memory: int | None 
     total = total_memory if total_memory is not None else total_memory_bytes()
     updates: dict[str, Any] = {}
     for name, raw in patch.items():
-        if name == "memory_limit" and raw is None:
-            updates.update({"memory_limit": None, "memory_limit_raw": None})
-        else:
-            updates.update(_convert(name, raw, total))
+        updates.update(_BY_NAME[name].parse(name, raw, total))
     for k, v in updates.items():
         setattr(s, k, v)
     return sorted(patch)

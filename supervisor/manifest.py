@@ -1,33 +1,28 @@
 """What a model costs, read without loading it.
 
-weights come from the safetensors headers (8-byte little-endian length + JSON
-header; no tensor data is read); the rest from config.json. Nothing here
-imports mlx: the supervisor must stay free of accelerator memory.
+weights come from the safetensors headers (corral.runner.safetensors, shared
+with the runner's own checks; no tensor data is read); the rest from
+config.json. Nothing here imports mlx: the supervisor must stay free of
+accelerator memory.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bytes per element of every dtype the safetensors format defines.
-DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-}
+from corral.runner.protocol import DEFAULT_NUM_CTX
+from corral.runner.safetensors import SafetensorsError, TensorInfo, read_header
+
 _FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _NAME_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
-# A real header is a few MB at most (one entry per tensor); anything larger is
-# a corrupt length field, and we refuse to allocate for it.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-DEFAULT_CONTEXT = 4096  # when config.json names no context length
+# When config.json names no context length the runner runs DEFAULT_NUM_CTX
+# tokens, so that is the context such a model is sized for.
+DEFAULT_CONTEXT = DEFAULT_NUM_CTX
 DEFAULT_KV_DTYPE_BYTES = 4  # float32: the largest activation dtype we expect
 
 # Ollama's details.family for model types it files under another name.
@@ -80,78 +75,6 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype name, e.g. "F32", "U32"
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """The tensors a safetensors file holds, from its header alone.
-
-    Validates the header length against the file size and every tensor's byte
-    range against its shape and dtype, so a truncated or corrupt file fails
-    here with a message instead of later inside the runner.
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ManifestError(f"{path.name}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ManifestError(
-                    f"{path.name}: corrupt or truncated safetensors header "
-                    f"(header length {n}, file size {size})"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise ManifestError(f"{path.name}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path.name}: safetensors header is not valid JSON") from e
-    if not isinstance(header, dict):
-        raise ManifestError(f"{path.name}: safetensors header is not a JSON object")
-    data_size = size - 8 - n
-    return [_tensor_info(path.name, k, v, data_size) for k, v in header.items() if k != "__metadata__"]
-
-
-def _tensor_info(fname: str, name: str, entry: Any, data_size: int) -> TensorInfo:
-    bad = f"{fname}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise ManifestError(f"{bad}: header entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        raise ManifestError(f"{bad}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ManifestError(f"{bad}: invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise ManifestError(f"{bad}: invalid data_offsets {offsets!r}")
-    info = TensorInfo(name, dtype, tuple(shape), offsets[1] - offsets[0])
-    expected = info.numel * DTYPE_BYTES[dtype]
-    if dtype != "F4" and info.nbytes != expected:
-        raise ManifestError(f"{bad}: {info.nbytes} bytes stored but shape x dtype needs {expected}")
-    if offsets[1] > data_size:
-        raise ManifestError(f"{bad}: data runs past the end of the file (file truncated?)")
-    return info
-
-
 def read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     try:
@@ -180,7 +103,10 @@ def read_manifest(model_dir: Path) -> Manifest:
     files = weight_files(model_dir)
     if not files:
         raise ManifestError(f"{model_dir}: no model*.safetensors weights (MLX loads only safetensors)")
-    tensors = [t for f in files for t in read_safetensors_header(f)]
+    try:
+        tensors = [t for f in files for t in read_header(f)]
+    except SafetensorsError as e:
+        raise ManifestError(str(e)) from e
     text = _text_config(config)
     bits, group = _quantization(config)
     dtype = _activation_dtype(tensors, text, config)

@@ -1,8 +1,8 @@
 """`corral serve`: settings from flags/env/file, the app, uvicorn, clean signals.
 
-Each flag mirrors one CORRAL_* environment variable (DESIGN.md,
-"Configuration"); a flag not given leaves the setting to the environment,
-then $CORRAL_HOME/config.toml, then the default.
+Each flag mirrors one CORRAL_* environment variable; both come from the
+settings table in supervisor.config. A flag not given leaves the setting to
+the environment, then $CORRAL_HOME/config.toml, then the default.
 """
 
 from __future__ import annotations
@@ -15,37 +15,26 @@ import socket
 import sys
 from typing import Any
 
-from corral.supervisor.config import SETTING_NAMES, Settings, load_settings
+from corral.supervisor.config import SETTING_NAMES, SETTINGS, Setting, Settings, load_settings
 from corral.supervisor.errors import BadRequest
 
 log = logging.getLogger("corral")
 
-# flag -> (help, extra argparse kwargs); the setting name is the flag with "_" for "-".
-_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--host": ("address to bind, HOST[:PORT] (CORRAL_HOST, default 127.0.0.1:11434)", {}),
-    "--home": ("registry, logs and config.toml (CORRAL_HOME, default ~/.corral)", {}),
-    "--keep-alive": ("idle time before unload: 5m, 30s, 0 at once, -1 forever (CORRAL_KEEP_ALIVE)", {}),
-    "--max-loaded-models": ("cap on loaded models, 0 = memory decides (CORRAL_MAX_LOADED_MODELS)", {}),
-    "--single-model": ("loading a model evicts every other non-pinned one (CORRAL_SINGLE_MODEL); "
-                       "--single-model=false turns it off", {"nargs": "?", "const": "true"}),
-    "--pinned": ("comma-separated models loaded at start, never evicted (CORRAL_PINNED)", {}),
-    "--num-parallel": ("sequences decoded together per model (CORRAL_NUM_PARALLEL)", {}),
-    "--max-queue": ("waiting requests before 503 (CORRAL_MAX_QUEUE)", {}),
-    "--context-length": ("num_ctx per sequence (CORRAL_CONTEXT_LENGTH)", {}),
-    "--memory-limit": ("bytes, 24GB or 80%% (CORRAL_MEMORY_LIMIT)", {}),
-    "--load-timeout": ("seconds or duration a load may take (CORRAL_LOAD_TIMEOUT)", {}),
-    "--api-key": ("require this bearer key on every request (CORRAL_API_KEY)", {}),
-    "--origins": ("comma-separated CORS origins (CORRAL_ORIGINS)", {}),
-    "--allow-pull": ("download unknown models on request: '*' or patterns (CORRAL_ALLOW_PULL)",
-                     {"nargs": "?", "const": "*"}),
-    "--default-model": ("model used for OpenAI/Anthropic names that are not local "
-                        "(CORRAL_DEFAULT_MODEL)", {}),
-}
+
+def _help(setting: Setting) -> str:
+    """--help for one setting, from its declaration (argparse reads % as a format)."""
+    text = f"{setting.doc} ({setting.env}, default {setting.default_text()})"
+    return text.replace("`", "").replace("%", "%%")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, (help_text, extra) in _FLAGS.items():
-        parser.add_argument(flag, default=None, help=help_text, **extra)
+    for setting in SETTINGS:
+        if not setting.flag:
+            continue
+        # A flag not given stays None, leaving the setting to env, file and default.
+        extra: dict[str, Any] = {"nargs": "?", "const": setting.bare} if setting.bare else {}
+        parser.add_argument(setting.flag_name, default=None, metavar=setting.metavar,
+                            help=_help(setting), **extra)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (stderr)")
 

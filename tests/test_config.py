@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,16 @@ from typing import Any
 import httpx
 import pytest
 from corral.supervisor.app import create_app
-from corral.supervisor.config import Settings, load_settings
+from corral.supervisor.cli_client import ClientError, base_url
+from corral.supervisor.config import (
+    RUNTIME_MUTABLE,
+    SETTINGS,
+    Setting,
+    Settings,
+    apply_patch,
+    load_settings,
+    settings_to_json,
+)
 from corral.supervisor.errors import BadRequest
 from corral.supervisor.serve import add_serve_arguments, flags_from_args
 
@@ -78,6 +88,27 @@ def test_precedence_for_every_setting(tmp_path: Path, case: tuple[Any, ...]) -> 
     assert getattr(settings(tmp_path, [], {}, None), attr) == default
 
 
+def test_every_declared_setting_has_a_precedence_case() -> None:
+    # home has its own test below; reserve has no flag (test_reserve_has_no_flag).
+    assert {c[0] for c in CASES} | {"home", "reserve"} == {s.name for s in SETTINGS}
+
+
+def test_reserve_has_no_flag_but_env_file_and_default(tmp_path: Path) -> None:
+    env = {"CORRAL_RESERVE": "1GB"}
+    assert settings(tmp_path, [], env, 'reserve = "2GB"').reserve == GB
+    assert settings(tmp_path, [], {}, 'reserve = "2GB"').reserve == 2 * GB
+    assert settings(tmp_path, [], {}, None).reserve == 512 * 1024**2
+    with pytest.raises(SystemExit):
+        parse_flags(["--reserve", "1GB"])
+
+
+def test_defaults_are_fresh_per_settings() -> None:
+    a, b = Settings(), Settings()
+    a.pinned.append("x/y")
+    assert b.pinned == [] and Settings().origins is not Settings().origins
+    assert Settings().home == Path.home() / ".corral"
+
+
 def test_home_flag_beats_env_and_picks_the_config_file(tmp_path: Path) -> None:
     flag_home, env_home = tmp_path / "flag", tmp_path / "env"
     for home, value in ((flag_home, 7), (env_home, 9)):
@@ -110,6 +141,11 @@ def test_host_forms(tmp_path: Path) -> None:
 def test_bad_values_are_clear_errors(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(BadRequest):
         settings(tmp_path, [], env, None)
+
+
+def test_a_bad_duration_names_its_setting(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match="load_timeout"):
+        settings(tmp_path, [], {"CORRAL_LOAD_TIMEOUT": "soon"}, None)
 
 
 def test_broken_config_file_names_the_file(tmp_path: Path) -> None:
@@ -178,3 +214,105 @@ async def test_settings_hide_the_api_key(tmp_path: Path) -> None:
         r = await c.get("/api/settings")
         assert r.status_code == 200
         assert "sekret" not in r.text and r.json()["api_key_set"] is True
+
+
+def test_api_settings_json_of_the_defaults() -> None:
+    assert settings_to_json(Settings(home=Path("/srv/corral"))) == {
+        "host": "127.0.0.1:11434", "home": "/srv/corral", "keep_alive": 300.0,
+        "max_loaded_models": 0, "single_model": False, "pinned": [], "num_parallel": 4,
+        "max_queue": 512, "context_length": 4096, "memory_limit": None,
+        "memory_limit_raw": None, "load_timeout": 300.0, "api_key_set": False, "origins": [],
+        "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
+    }
+
+
+# One valid value for each setting PATCH may change, and the field values it gives.
+PATCHES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "keep_alive": ("1h", {"keep_alive": 3600.0}),
+    "max_loaded_models": (2, {"max_loaded_models": 2}),
+    "single_model": (True, {"single_model": True}),
+    "pinned": (["a/b"], {"pinned": ["a/b"]}),
+    "memory_limit": ("50%", {"memory_limit": 32 * GB, "memory_limit_raw": "50%"}),
+}
+
+
+def test_patch_changes_exactly_the_runtime_mutable_settings() -> None:
+    assert set(PATCHES) == set(RUNTIME_MUTABLE) == {s.name for s in SETTINGS if s.mutable}
+    for name, (raw, fields) in PATCHES.items():
+        s = Settings()
+        assert apply_patch(s, {name: raw}, total_memory=TOTAL) == [name]
+        assert {k: getattr(s, k) for k in fields} == fields
+    for setting in SETTINGS:
+        if not setting.mutable:
+            with pytest.raises(BadRequest, match=f"cannot change {setting.name} at run time"):
+                apply_patch(Settings(), {setting.name: setting.default}, total_memory=TOTAL)
+
+
+def test_patch_memory_limit_null_means_physical_memory_again() -> None:
+    s = Settings()
+    apply_patch(s, {"memory_limit": "8GB"}, total_memory=TOTAL)
+    apply_patch(s, {"memory_limit": None}, total_memory=TOTAL)
+    assert (s.memory_limit, s.memory_limit_raw) == (None, None)
+
+
+def test_serve_flags_are_the_declared_ones() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help", "--log-level"}
+    assert flags == {s.flag_name for s in SETTINGS if s.flag}
+    text = parser.format_help()
+    for s in SETTINGS:
+        assert (s.env in text) == s.flag, s.name
+
+
+# ---- the README's configuration table is the declaration -------------------
+
+
+def _readme_configuration() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_row(setting: Setting) -> list[str]:
+    flag = f"`{setting.flag_name}`" if setting.flag else "—"
+    return [f"`{setting.env}`", flag, setting.default_text(lambda v: f"`{v}`"), setting.doc]
+
+
+def test_readme_table_matches_the_declaration_row_by_row() -> None:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in _readme_configuration().splitlines() if line.startswith("| `CORRAL_")]
+    assert len(rows) == len(SETTINGS)
+    for row, setting in zip(rows, SETTINGS, strict=True):
+        assert row == _readme_row(setting), f"README row for {setting.name}"
+
+
+def test_readme_names_the_runtime_mutable_settings() -> None:
+    sentence = _readme_configuration().split("`PATCH /api/settings` changes", 1)[1]
+    sentence = sentence.split("at run time", 1)[0]
+    assert tuple(re.findall(r"`(\w+)`", sentence)) == RUNTIME_MUTABLE
+
+
+# ---- the CLI client reads CORRAL_HOST as the server does -------------------
+
+
+@pytest.mark.parametrize(("raw", "url"), [
+    ("", "http://127.0.0.1:11434"),
+    (":8080", "http://127.0.0.1:8080"),
+    ("0.0.0.0", "http://127.0.0.1:11434"),
+    ("localhost:9", "http://localhost:9"),
+    ("https://example.test:8443/", "https://example.test:8443"),
+    ("[::]:9000", "http://[::1]:9000"),
+    ("::1", "http://[::1]:11434"),
+])
+def test_client_reaches_the_address_serve_binds(tmp_path: Path, raw: str, url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_HOST", raw)
+    assert base_url() == url
+    if raw:
+        served = settings(tmp_path, [], {"CORRAL_HOST": raw}, None)
+        assert url.endswith(f":{served.port}")
+
+
+def test_client_rejects_a_bad_address() -> None:
+    with pytest.raises(ClientError, match="invalid server address"):
+        base_url("localhost:http")

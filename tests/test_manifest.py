@@ -10,6 +10,8 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from corral.runner.precheck import ModelDirError, check_model_dir
+from corral.runner.safetensors import SafetensorsError, TensorInfo, read_header
 from corral.supervisor.manifest import (
     DEFAULT_CONTEXT,
     Manifest,
@@ -17,7 +19,6 @@ from corral.supervisor.manifest import (
     count_parameters,
     human_count,
     read_manifest,
-    read_safetensors_header,
 )
 
 _NUMPY_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I64": 8, "U8": 1}
@@ -165,6 +166,11 @@ def test_corrupt_header(model_copy: Path, content: bytes, match: str) -> None:
     (model_copy / "model.safetensors").write_bytes(content)
     with pytest.raises(ManifestError, match=match):
         read_manifest(model_copy)
+    # The runner's pre-load check reads headers with the same parser: same fault,
+    # told with the file's full path.
+    with pytest.raises(ModelDirError, match=match) as raised:
+        check_model_dir(model_copy)
+    assert str(model_copy / "model.safetensors") in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -182,8 +188,8 @@ def test_bad_tensor_entries(tmp_path: Path, entry: Any, match: str) -> None:
     raw = json.dumps({"w": entry}).encode()
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
-    with pytest.raises(ManifestError, match=match):
-        read_safetensors_header(path)
+    with pytest.raises(SafetensorsError, match=match):
+        read_header(path)
 
 
 def test_missing_pieces(model_copy: Path) -> None:
@@ -268,8 +274,6 @@ def test_quantized_dtype_is_that_of_the_scales(tmp_path: Path) -> None:
 
 
 def test_count_parameters_unpacks_only_quantized_weights() -> None:
-    from corral.supervisor.manifest import TensorInfo
-
     # A uint32 buffer that is not a layer's weight is counted as stored.
     assert count_parameters([TensorInfo("ids", "U32", (10,), 40)], 4) == 10
     packed = [TensorInfo("q.weight", "U32", (8, 2), 64), TensorInfo("q.scales", "F16", (8, 1), 16)]

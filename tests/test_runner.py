@@ -11,7 +11,6 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Hello, world", "The quick brown fox", "Once upon a time there", "café naïve 東京"]
 NUM_CTX = 160
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RunnerProcess:
