@@ -5,7 +5,9 @@ concurrency runs that many clients at once, each an official `ollama`
 AsyncClient (its own connection pool, as separate programs would have) sending
 one-token /api/generate requests back to back. Prints per level: requests/s,
 p50 and p99 latency, and errors (any exception or error reply; a connection
-dropped without a response counts here too).
+dropped without a response counts here too), and the CPU time the
+supervisor and its runners spent per request (steadier than wall time on a
+shared machine, and it says which process the time goes to).
 
 Targets: 0 errors at every level; req/s at 256 clients >= req/s at 16.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ollama
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_supervisor import make_model, server
@@ -39,14 +42,32 @@ class Level:
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    cpu: tuple[float, float] = (0.0, 0.0)  # seconds: supervisor, runners
 
     def row(self) -> str:
         ok = sorted(self.latencies)
         p50 = statistics.median(ok) * 1000 if ok else float("nan")
         p99 = ok[min(len(ok) - 1, int(len(ok) * 0.99))] * 1000 if ok else float("nan")
         kinds = ", ".join(f"{k} x{n}" for k, n in self.errors.items())
+        per = 1000 / max(1, len(ok))
         return (f"{self.clients:7d} {len(ok) / self.elapsed:9.1f} {p50:9.1f} {p99:9.1f} "
-                f"{sum(self.errors.values()):7d}" + (f"  ({kinds})" if kinds else ""))
+                f"{sum(self.errors.values()):7d} {self.cpu[0] * per:10.2f} {self.cpu[1] * per:10.2f}"
+                + (f"  ({kinds})" if kinds else ""))
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time so far of the supervisor (this script's child) and of its runners."""
+    sup = run = 0.0
+    for child in psutil.Process().children():
+        try:
+            t = child.cpu_times()
+            sup += t.user + t.system
+            for runner in child.children(recursive=True):
+                rt = runner.cpu_times()
+                run += rt.user + rt.system
+        except psutil.NoSuchProcess:
+            continue
+    return sup, run
 
 
 async def one_client(url: str, requests: int, level: Level, start: asyncio.Event) -> None:
@@ -70,17 +91,21 @@ async def run_level(url: str, clients: int, total: int) -> Level:
     start = asyncio.Event()
     tasks = [asyncio.create_task(one_client(url, per_client, level, start)) for _ in range(clients)]
     await asyncio.sleep(0.2)  # every client built before the clock starts
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     start.set()
     await asyncio.gather(*tasks)
     level.elapsed = time.perf_counter() - t0
+    cpu1 = cpu_seconds()
+    level.cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
     return level
 
 
 async def run(url: str, levels: list[int], total: int) -> None:
     await ollama.AsyncClient(host=url).generate(model=MODEL, prompt=PROMPT, raw=True,
                                                 options={"num_predict": 1})  # load + warm
-    print(f"{'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print(f"{'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} "
+          f"{'sup cpu ms':>10} {'run cpu ms':>10}  (CPU per request)")
     for clients in levels:
         print((await run_level(url, clients, max(total, 2 * clients))).row(), flush=True)
 
