@@ -39,6 +39,15 @@ log = logging.getLogger("runner")
 SHUTDOWN_GRACE_S = 2.0
 """How long SIGTERM waits for cancelled streams to flush their last line."""
 
+KEEP_ALIVE_S = 3600
+"""How long an idle connection from the supervisor stays open.
+
+Well past any client's own idle expiry (httpx: 5 s, the same as uvicorn's
+default): with equal timeouts the client may send a request on a connection
+in the instant the server closes it, and that request is lost with no
+response. The client's pool bounds how many idle connections there are.
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m corral.runner", description="Serve one MLX model over HTTP.")
@@ -146,7 +155,7 @@ async def serve(app: RunnerApp, host: str, port: int) -> None:
             yield
 
     config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=1)
+                            lifespan="off", timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S)
     server = Server(config)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()

@@ -1,10 +1,13 @@
 """The generation thread: the only thread that touches MLX.
 
 HTTP handlers submit Sequences through a thread-safe queue and read results
-from a per-sequence asyncio queue that this thread feeds with
-loop.call_soon_threadsafe. Up to num_parallel sequences decode together in
-one mlx_lm BatchGenerator; new ones are admitted between steps, the rest wait
-in FIFO order.
+from a per-sequence asyncio queue that this thread feeds. Everything one pass
+of the loop produces (a decode step's tokens for every sequence, done lines)
+crosses to the event loop in one loop.call_soon_threadsafe: each call wakes
+the event loop through its self-pipe and takes the GIL there, so one per step
+rather than one per token per sequence. Up to num_parallel sequences decode
+together in one mlx_lm BatchGenerator; new ones are admitted between steps,
+the rest wait in FIFO order.
 """
 
 from __future__ import annotations
@@ -48,7 +51,14 @@ class Sequence:
     stops: StopMatcher | None = None
 
     def emit(self, kind: str, value: Any) -> None:
+        """Hand one event to the event loop now (the batched path is Engine._emit)."""
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+
+
+def _deliver(events: list[tuple[Sequence, Event]]) -> None:
+    # Runs on the event loop: one wake-up for a whole pass of the generation loop.
+    for seq, event in events:
+        seq.out.put_nowait(event)
 
 
 class Engine:
@@ -63,6 +73,7 @@ class Engine:
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._outbox: list[tuple[Sequence, Event]] = []
         self.active_count = 0
         self.queued_count = 0
 
@@ -104,8 +115,10 @@ class Engine:
                 self._admit(gen)
                 if self._active:
                     self._step(gen)
+                self._flush()
         except Exception as e:  # a dead generation thread must be visible: /health goes 503
             log.exception("generation thread failed")
+            self._flush()
             for seq in [*self._active.values(), *self._waiting]:
                 seq.emit("error", f"generation failed: {e}")
             self._stop.set()
@@ -175,7 +188,7 @@ class Engine:
         seq.detok.add_token(token)
         text = seq.stops.feed(seq.detok.last_segment)
         if text:
-            seq.emit("text", text)
+            self._emit(seq, "text", text)
         if seq.stops.stopped:
             self._finish(gen, seq, DONE_STOP)
         elif finish is not None:
@@ -194,9 +207,26 @@ class Engine:
             seq.detok.finalize()
             tail = seq.stops.feed(seq.detok.last_segment) + seq.stops.flush()
             if tail:
-                seq.emit("text", tail)
-        seq.emit("done", self._done_fields(seq, reason))
+                self._emit(seq, "text", tail)
+        self._emit(seq, "done", self._done_fields(seq, reason))
         self._update_counts()
+
+    def _emit(self, seq: Sequence, kind: str, value: Any) -> None:
+        self._outbox.append((seq, (kind, value)))
+
+    def _flush(self) -> None:
+        """Send this pass's events, one call_soon_threadsafe per event loop (there is one)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
+        for item in self._outbox:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self._outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that loop is closed: nobody is left to read these
+                log.debug("dropped %d event(s) for a closed event loop", len(events))
 
     def _done_fields(self, seq: Sequence, reason: str) -> dict[str, Any]:
         end = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import psutil
-from corral.runner.engine import Engine, Sequence
+from corral.runner.engine import Engine, Event, Sequence
 from corral.runner.protocol import (
     NDJSON,
     ROUTE_COMPLETION,
@@ -30,7 +30,6 @@ from corral.runner.protocol import (
     ROUTE_TOKENIZE,
     BodyError,
     OptionError,
-    chunk_line,
     done_line,
     error_line,
     json_object,
@@ -72,6 +71,24 @@ def peak_rss_bytes() -> int:
 
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+def _chunk_bytes(text: str) -> bytes:
+    """The line chunk_line(text) stands for, encoding only the string: the hot path."""
+    return f'{{"content":{json.dumps(text, ensure_ascii=False)},"done":false}}\n'.encode()
+
+
+async def _ready_events(seq: Sequence) -> list[Event]:
+    """Wait for the next event, then take every one already queued behind it.
+
+    The first token never waits for company; when the client or this loop lags,
+    the tokens that piled up meanwhile go out as one line (one write, one
+    parse at the other end) instead of one line each.
+    """
+    events = [await seq.out.get()]
+    while not seq.out.empty():
+        events.append(seq.out.get_nowait())
+    return events
 
 
 class RunnerApp:
@@ -218,35 +235,48 @@ class RunnerApp:
         self.streams += 1
         done = False
         try:
-            while True:
-                kind, value = await seq.out.get()
-                if kind == "text":
-                    text = splitter.feed(value) if splitter else value
+            while not done:
+                pending: list[str] = []  # text of consecutive ready events, sent as one line
+                for kind, value in await _ready_events(seq):
+                    if kind == "text":
+                        pending.append(value)
+                        continue
+                    text = "".join(pending)
+                    pending = []
+                    done = True
+                    for line in self._end_lines(kind, value, text, splitter):
+                        yield line
+                    break
+                if pending:
+                    text = "".join(pending)
+                    text = splitter.feed(text) if splitter else text
                     if text:
-                        yield _line(chunk_line(text))
-                elif kind == "error":
-                    done = True
-                    yield _line(error_line(value))
-                    return
-                else:
-                    done = True
-                    fields = dict(value)
-                    line = done_line(fields.pop("done_reason"), **fields)
-                    if splitter:
-                        rest, calls = splitter.finish()
-                        if rest:
-                            yield _line(chunk_line(rest))
-                        if calls:
-                            line["tool_calls"] = calls
-                    log.info("request end: reason=%s prompt_tokens=%d eval_tokens=%d",
-                             value["done_reason"], value["prompt_eval_count"], value["eval_count"])
-                    yield _line(line)
-                    return
+                        yield _chunk_bytes(text)
         finally:
             self.streams -= 1
             if not done:  # the client went away: free the slot
                 log.info("request cancelled by client disconnect")
                 self.engine.cancel(seq)
+
+    def _end_lines(self, kind: str, value: Any, text: str,
+                   splitter: ToolCallSplitter | None) -> list[bytes]:
+        """The last lines of a stream: text that arrived with the end, then the done or error line."""
+        if splitter and text:
+            text = splitter.feed(text)
+        lines = [_chunk_bytes(text)] if text else []
+        if kind == "error":
+            return [*lines, _line(error_line(value))]
+        fields = dict(value)
+        line = done_line(fields.pop("done_reason"), **fields)
+        if splitter:
+            rest, calls = splitter.finish()
+            if rest:
+                lines.append(_chunk_bytes(rest))
+            if calls:
+                line["tool_calls"] = calls
+        log.info("request end: reason=%s prompt_tokens=%d eval_tokens=%d",
+                 value["done_reason"], value["prompt_eval_count"], value["eval_count"])
+        return [*lines, _line(line)]
 
     def cancel_all(self) -> None:
         self.draining = True

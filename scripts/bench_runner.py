@@ -1,22 +1,25 @@
-"""Benchmark the runner against mlx_lm in-process, on one generated model.
+"""Benchmark the runner against mlx_lm in-process, on generated models.
 
-Prints, from one run:
+Prints, from one run, for each model (by default the small 64x2 one, where
+per-token costs cannot hide, and the 512x8 one):
   * decode tokens/s of one stream through the runner's HTTP vs
-    mlx_lm.stream_generate in this process (target ratio >= 0.95);
+    mlx_lm.stream_generate in this process (target ratio >= 0.95), and the
+    same ratio for `mlx_lm.server` (SSE) as the peer;
   * aggregate tokens/s at 1, 2, 4, 8 concurrent streams through HTTP vs the
     same counts through mlx_lm's BatchGenerator in this process (target ratio
-    at 4 streams >= 0.85).
+    at 4 streams >= 0.85), with mlx_lm.server's ratio beside it.
 
-Greedy decoding with the same prompts on both sides, so both generate the same
-tokens. Each figure is the best of --repeats runs (the box may be shared).
+Greedy decoding with the same prompts on every side. Each figure is the best
+of --repeats runs, the sides alternating (the box may be shared).
 
-Usage: python scripts/bench_runner.py [--hidden 512 --layers 8 --tokens 128]
+Usage: python scripts/bench_runner.py [--models 64x2:256,512x8:64] [--no-peer]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_peer import mlx_lm_server, sse_aggregate, sse_completion
 from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +81,12 @@ def http_stream(url: str, prompt: str, n: int) -> dict[str, Any]:
     return last
 
 
-def http_single(url: str, n: int) -> float:
-    """Decode tokens/s of one stream, as the client sees it after the first token."""
+def http_single(url: str, n: int) -> tuple[float, float]:
+    """Decode tokens/s of one stream as the client sees it: after the first line, and
+    over the whole request (a held-back first line sent in a burst inflates the first)."""
     body = {"prompt": PROMPTS[0], "options": {"temperature": 0, "num_predict": n}}
     count, first, end = 0, 0.0, 0.0
+    t0 = time.perf_counter()
     with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
         for line in r.iter_lines():
             d = json.loads(line)
@@ -89,7 +95,7 @@ def http_single(url: str, n: int) -> float:
                 count = d["eval_count"]
             elif not first:
                 first = time.perf_counter()
-    return (count - 1) / (end - first)
+    return (count - 1) / (end - first), count / (end - t0)
 
 
 def http_aggregate(url: str, k: int, n: int) -> float:
@@ -99,16 +105,17 @@ def http_aggregate(url: str, k: int, n: int) -> float:
     return sum(d["eval_count"] for d in done) / (time.perf_counter() - t0)
 
 
-def local_single(model: Any, tok: Any, n: int) -> float:
+def local_single(model: Any, tok: Any, n: int) -> tuple[float, float]:
     from mlx_lm import stream_generate
 
     count, first, end = 0, 0.0, 0.0
+    t0 = time.perf_counter()
     for _ in stream_generate(model, tok, PROMPTS[0], max_tokens=n):
         if not first:
             first = time.perf_counter()
         count += 1
         end = time.perf_counter()
-    return (count - 1) / (end - first)
+    return (count - 1) / (end - first), count / (end - t0)
 
 
 def local_aggregate(model: Any, tok: Any, k: int, n: int) -> float:
@@ -131,46 +138,83 @@ def local_aggregate(model: Any, tok: Any, k: int, n: int) -> float:
     return total / elapsed
 
 
-def best_pair(http: Any, local: Any, repeats: int) -> tuple[float, float]:
+def _best(runs: list[Any]) -> Any:
+    """The highest of each figure over the runs (runs are floats or tuples of floats)."""
+    if isinstance(runs[0], tuple):
+        return tuple(max(col) for col in zip(*runs, strict=True))
+    return max(runs)
+
+
+def best_pair(http: Any, local: Any, repeats: int) -> tuple[Any, Any]:
     # Alternate the two sides so load from other processes hits both alike.
     hs, ls = [], []
     for _ in range(repeats):
         hs.append(http())
         ls.append(local())
-    return max(hs), max(ls)
+    return _best(hs), _best(ls)
+
+
+def best(fn: Any, repeats: int) -> Any:
+    return _best([fn() for _ in range(repeats)])
+
+
+def parse_models(text: str, default_tokens: int) -> list[tuple[int, int, int]]:
+    """"64x2:256,512x8" -> [(64, 2, 256), (512, 8, default_tokens)]."""
+    out = []
+    for item in text.split(","):
+        shape, _, tokens = item.partition(":")
+        hidden, layers = shape.lower().split("x")
+        out.append((int(hidden), int(layers), int(tokens or default_tokens)))
+    return out
+
+
+def bench_model(tmp: Path, hidden: int, layers: int, n: int, reps: int, peer: bool) -> None:
+    from mlx_lm import load
+
+    model_dir = make_model(tmp / f"bench-{hidden}x{layers}", hidden, layers)
+    model, tok = load(str(model_dir))[:2]
+    proc, url = start_runner(model_dir, max(CONCURRENCY), tmp / f"runner-{hidden}x{layers}.log")
+    with contextlib.ExitStack() as stack:
+        peer_url = stack.enter_context(mlx_lm_server(model_dir, tmp / "peer.log")) if peer else None
+        try:
+            print(f"\nmodel: llama hidden {hidden}, {layers} layers; {n} tokens per stream; "
+                  f"best of {reps}, alternating; device {httpx.get(url + '/status').json()['device']}")
+            http_stream(url, PROMPTS[0], 8)  # warm up every side
+            local_single(model, tok, 8)
+            (h1, hw), (l1, lw) = best_pair(lambda: http_single(url, n), lambda: local_single(model, tok, n), reps)
+            print(f"single stream decode: runner HTTP {h1:8.1f} tok/s | mlx_lm.stream_generate "
+                  f"{l1:8.1f} tok/s | ratio {h1 / l1:.3f} (target >= 0.95); whole request {hw / lw:.3f}")
+            if peer_url:
+                sse_completion(peer_url, PROMPTS[0], 8)
+                p1, pw = best(lambda: tuple(sse_completion(peer_url, PROMPTS[0], n)[k] for k in ("tps", "whole")),
+                              reps)
+                print(f"  peer mlx_lm.server  {p1:8.1f} tok/s | ratio {p1 / l1:.3f}; whole request {pw / lw:.3f}")
+            for k in CONCURRENCY:
+                hk, lk = best_pair(lambda k=k: http_aggregate(url, k, n),
+                                   lambda k=k: local_aggregate(model, tok, k, n), reps)
+                line = (f"{k} streams aggregate:  runner HTTP {hk:8.1f} tok/s | BatchGenerator "
+                        f"{lk:8.1f} tok/s | ratio {hk / lk:.3f}")
+                if peer_url:
+                    pk = best(lambda k=k: sse_aggregate(peer_url, PROMPTS[:k], n), reps)
+                    line += f" | mlx_lm.server {pk:8.1f} tok/s, ratio {pk / lk:.3f}"
+                print(line + ("  (target >= 0.85)" if k == 4 else ""), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--models", default="64x2:256,512x8:64",
+                   help="comma-separated HIDDENxLAYERS[:TOKENS], measured one after the other")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per stream where --models gives none")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     args = p.parse_args()
-    n, reps = args.tokens, args.repeats
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model(Path(tmp) / "bench", args.hidden, args.layers)
-        from mlx_lm import load
-
-        model, tok = load(str(model_dir))[:2]
-        proc, url = start_runner(model_dir, max(CONCURRENCY), Path(tmp) / "runner.log")
-        try:
-            print(f"model: llama hidden {args.hidden}, {args.layers} layers; {n} tokens per stream; "
-                  f"best of {reps}, alternating; device {httpx.get(url + '/status').json()['device']}")
-            http_stream(url, PROMPTS[0], 8)  # warm up both sides
-            local_single(model, tok, 8)
-            h1, l1 = best_pair(lambda: http_single(url, n), lambda: local_single(model, tok, n), reps)
-            print(f"single stream decode: runner HTTP {h1:8.1f} tok/s | mlx_lm.stream_generate "
-                  f"{l1:8.1f} tok/s | ratio {h1 / l1:.3f} (target >= 0.95)")
-            for k in CONCURRENCY:
-                hk, lk = best_pair(lambda k=k: http_aggregate(url, k, n),
-                                   lambda k=k: local_aggregate(model, tok, k, n), reps)
-                print(f"{k} streams aggregate:  runner HTTP {hk:8.1f} tok/s | BatchGenerator "
-                      f"{lk:8.1f} tok/s | ratio {hk / lk:.3f}" + ("  (target >= 0.85)" if k == 4 else ""))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
+        for hidden, layers, n in parse_models(args.models, args.tokens):
+            bench_model(Path(tmp), hidden, layers, n, args.repeats, not args.no_peer)
     os._exit(0)
 
 

@@ -58,12 +58,26 @@ def event_from_line(line: Any) -> StreamEvent:
     return Chunk(str(line.get("content") or ""))
 
 
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise RunnerFailed(f"runner sent an invalid stream line: {raw[:200]!r}") from e
+    if not isinstance(obj, dict):
+        raise RunnerFailed(f"runner sent a stream line that is not an object: {raw[:200]!r}")
+    return obj
+
+
 class RunnerClient:
     def __init__(self, base_url: str, token: str | None, *, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url
         # Streams may idle for long between tokens (a long prefill): no read timeout there.
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        # No pool caps: every concurrent stream needs its own connection, and
+        # httpx's defaults (20 kept alive, 100 at most) would close connections
+        # past 20 and make request 101 wait for a free one.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
         self._timeout = timeout
 
     async def aclose(self) -> None:
@@ -107,9 +121,17 @@ class RunnerClient:
         data = await self._request("POST", ROUTE_DETOKENIZE, {"tokens": tokens})
         return str(data["content"])
 
-    async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield the runner's NDJSON lines; closing this generator closes the response,
-        which makes the runner cancel the sequence."""
+    async def _batches(self, body: dict[str, Any]) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """POST /completion; yield the stream's lines, parsed, one list per network read.
+
+        Per read, not per line: when the supervisor lags behind a fast runner
+        several lines arrive together and the caller handles them as one. After
+        the done line the rest of the body is read before it is handed out, so
+        the caller closing the stream leaves the connection clean for the next
+        request (a response closed unread takes its connection with it).
+        Closing this generator early closes the response, which makes the runner
+        cancel the sequence.
+        """
         self._check_open()
         timeout = httpx.Timeout(self._timeout, read=None)
         try:
@@ -117,30 +139,57 @@ class RunnerClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _raise_for(resp)
-                done = False
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise RunnerFailed(f"runner sent an invalid stream line: {line[:200]!r}") from e
-                    if isinstance(obj, dict) and "error" in obj:
-                        raise RunnerFailed(str(obj["error"]))
-                    yield obj
-                    if isinstance(obj, dict) and obj.get("done"):
-                        done = True
-                        break
-                if not done:
-                    raise RunnerFailed("runner stream ended before it was done")
+                reads = resp.aiter_bytes()
+                rest = b""
+                async for data in reads:
+                    *complete, rest = (rest + data).split(b"\n")
+                    batch = [_parse_line(raw) for raw in complete if raw.strip()]
+                    if batch and batch[-1].get("done"):
+                        async for _ in reads:  # the chunked body's terminator
+                            pass
+                        yield batch
+                        return
+                    if batch:
+                        yield batch
+                if rest.strip():
+                    line = _parse_line(rest)
+                    yield [line]
+                    if line.get("done"):
+                        return
+                raise RunnerFailed("runner stream ended before it was done")
         except httpx.HTTPError as e:
             raise RunnerFailed(f"connection to runner broken: {e}") from e
 
-    async def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]:
-        """completion() as typed events: Chunk per text line, then one Done; errors raise."""
-        lines = self.completion(request.to_wire())
+    async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """The runner's NDJSON lines as dicts, error lines included (see events())."""
+        batches = self._batches(body)
         try:
-            async for line in lines:
-                yield event_from_line(line)
+            async for batch in batches:
+                for line in batch:
+                    yield line
         finally:
-            await lines.aclose()
+            await batches.aclose()
+
+    async def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]:
+        """POST /completion as typed events: Chunks, then one Done; an error line raises.
+
+        Text lines that arrived in one read become one Chunk, so a supervisor
+        that lags pays per read, not per token.
+        """
+        batches = self._batches(request.to_wire())
+        try:
+            async for batch in batches:
+                text: list[str] = []
+                for line in batch:
+                    if text and (line.get("done") or "error" in line):
+                        yield Chunk("".join(text))  # the text before the end goes out first
+                        text = []
+                    event = event_from_line(line)
+                    if isinstance(event, Chunk):
+                        text.append(event.content)
+                    else:
+                        yield event
+                if text:
+                    yield Chunk("".join(text))
+        finally:
+            await batches.aclose()

@@ -44,10 +44,22 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in SETTING_NAMES}
 
 
+KEEP_ALIVE_S = 75
+"""Idle seconds before the server closes a client's connection: longer than
+clients' own idle expiry (httpx, under the ollama/openai/anthropic clients:
+5 s, uvicorn's default too). With equal timeouts a client can send a request
+just as the server closes the connection, and that request is lost."""
+
+
 def _bind(settings: Settings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio turns on TCP_NODELAY only for accepted sockets
+    # whose proto is IPPROTO_TCP (they inherit it from this one). With proto 0,
+    # Nagle holds the second small write of each response (headers go out, then
+    # the body) until the client's delayed ACK: ~40 ms on every request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((settings.host, settings.port))
     except OSError:
@@ -103,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     app = create_app(build_context(settings))
     config = uvicorn.Config(app, log_level=args.log_level, access_log=True,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it is done; with these
     # handlers that re-raise is a no-op, so SIGTERM/SIGINT end in exit status 0
