@@ -73,6 +73,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 class RunnerApp:
+    kind = "completion"  # what /status reports; the embedding runner's subclass says "embedding"
+
     def __init__(self, engine: Engine, *, model_name: str, token: str | None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -112,6 +114,7 @@ class RunnerApp:
         return JSONResponse({
             "status": "ok" if self.engine.alive and not self.draining else "stopping",
             "model": self.model_name,
+            "kind": self.kind,
             "pid": os.getpid(),
             "context_length": self.engine.num_ctx,
             "num_parallel": self.engine.num_parallel,
