@@ -197,7 +197,7 @@ def load_encoder(model_dir: Path, config: dict[str, Any]) -> Encoder:
     for path in sorted(model_dir.glob("model*.safetensors")):
         weights.update(mx.load(str(path)))  # type: ignore[arg-type]
     weights = hf_to_encoder_names(weights)
-    wanted = {k for k, _ in tree_flatten(model.parameters())}
+    wanted = {str(item[0]) for item in tree_flatten(model.parameters())}
     missing = sorted(wanted - weights.keys())
     if missing:
         raise ValueError(f"weights lack {len(missing)} tensor(s), e.g. {missing[0]!r}")

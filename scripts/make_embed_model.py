@@ -28,13 +28,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import CORPUS, write_hf_cache_entry  # noqa: E402
+from make_test_model import CORPUS, write_hf_cache_entry
 
 DEFAULT_POOLING = {"bert": "cls", "roberta": "mean", "qwen3": "lasttoken"}
 
 
 def wordpiece_tokenizer(vocab_size: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)

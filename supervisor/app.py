@@ -158,10 +158,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def collect_routes(ctx: AppContext) -> list[BaseRoute]:
-    from corral.supervisor.api import anthropic, manage, ollama, openai
+    from corral.supervisor.api import anthropic, embed, manage, ollama, openai
 
     # Ollama's last: it owns "/" and its routes never shadow the others'.
-    return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *ollama.routes(ctx)]
+    return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *embed.routes(ctx),
+            *ollama.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:

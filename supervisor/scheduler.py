@@ -189,6 +189,13 @@ class Lease:
         except RunnerFailed as e:
             raise await self._runner_error(e) from e
 
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /embed on an embedding runner (see ROUTE_EMBED in runner/protocol.py)."""
+        try:
+            return await self._entry.process.client.embed(body)
+        except RunnerFailed as e:
+            raise await self._runner_error(e) from e
+
     async def detokenize(self, tokens: list[int]) -> str:
         try:
             return await self._entry.process.client.detokenize(tokens)
