@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class _Layer(nn.Module):
         self.attn_out = nn.Linear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=a.layer_norm_eps)
         self.intermediate = nn.Linear(h, a.intermediate_size)
-        self.output = nn.Linear(a.intermediate_size, h)
+        self.out_proj = nn.Linear(a.intermediate_size, h)
         self.out_norm = nn.LayerNorm(h, eps=a.layer_norm_eps)
         self.act = _ACTIVATIONS.get(a.hidden_act, nn.gelu)
 
@@ -129,7 +130,7 @@ class _Layer(nn.Module):
         a = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), mask=mask)
         a = a.transpose(0, 2, 1, 3).reshape(b, n, h)
         x = self.attn_norm(x + self.attn_out(a))
-        return self.out_norm(x + self.output(self.act(self.intermediate(x))))
+        return self.out_norm(x + self.out_proj(self.act(self.intermediate(x))))
 
 
 class Encoder(nn.Module):
@@ -149,19 +150,20 @@ class Encoder(nn.Module):
         return x
 
 
-# Hugging Face BERT names -> this module's (prefixes such as "bert." are dropped first).
-_RENAMES = (
-    ("encoder.layer.", "layers."),
-    (".attention.self.query.", ".query."),
-    (".attention.self.key.", ".key."),
-    (".attention.self.value.", ".value."),
-    (".attention.output.dense.", ".attn_out."),
-    (".attention.output.LayerNorm.", ".attn_norm."),
-    (".intermediate.dense.", ".intermediate."),
-    (".output.dense.", ".output."),
-    (".output.LayerNorm.", ".out_norm."),
-)
+# Hugging Face BERT layer names -> this module's (model prefixes such as "bert." are dropped first).
+_LAYER_NAMES = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn_out",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "intermediate",
+    "output.dense": "out_proj",
+    "output.LayerNorm": "out_norm",
+}
+_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$")
 _DROP = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
+_LEAF = {"gamma": "weight", "beta": "bias"}  # old TensorFlow-converted LayerNorm names
 
 
 def hf_to_encoder_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -173,20 +175,25 @@ def hf_to_encoder_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
                 name = name[len(prefix):]
         if name.startswith(_DROP):
             continue
-        for old, new in _RENAMES:
-            name = name.replace(old, new)
-        out[name.replace(".gamma", ".weight").replace(".beta", ".bias")] = w
+        m = _HF_LAYER.match(name)
+        if m and m.group(2) in _LAYER_NAMES:
+            leaf = _LEAF.get(m.group(3), m.group(3))
+            name = f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{leaf}"
+        else:
+            stem, _, leaf = name.rpartition(".")
+            name = f"{stem}.{_LEAF.get(leaf, leaf)}"
+        out[name] = w
     return out
 
 
 def encoder_to_hf_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """The inverse of hf_to_encoder_names (the test-model generator writes HF names)."""
+    back = {v: k for k, v in _LAYER_NAMES.items()}
     out = {}
     for name, w in weights.items():
         if name.startswith("layers."):
-            name = "encoder.layer." + name[len("layers."):]
-            for old, new in reversed(_RENAMES[1:]):
-                name = name.replace(new, old)
+            _, index, module, leaf = name.split(".")
+            name = f"encoder.layer.{index}.{back[module]}.{leaf}"
         out[name] = w
     return out
 
