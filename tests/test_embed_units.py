@@ -127,3 +127,30 @@ def test_base64_is_float32_little_endian() -> None:
 
     raw = base64.b64decode(_b64([1.0, -0.5]))
     assert struct.unpack("<2f", raw) == (1.0, -0.5)
+
+
+def test_hugging_face_bert_names_map_both_ways() -> None:
+    from corral.runner.embedding import encoder_to_hf_names, hf_to_encoder_names
+
+    hf = {
+        "bert.embeddings.word_embeddings.weight": 0,
+        "bert.encoder.layer.3.attention.self.query.weight": 1,
+        "bert.encoder.layer.3.attention.output.dense.bias": 2,
+        "bert.encoder.layer.3.attention.output.LayerNorm.gamma": 3,
+        "bert.encoder.layer.3.intermediate.dense.weight": 4,
+        "bert.encoder.layer.3.output.dense.weight": 5,
+        "bert.encoder.layer.3.output.LayerNorm.beta": 6,
+        "bert.pooler.dense.weight": 7,
+    }
+    ours = hf_to_encoder_names(hf)  # type: ignore[arg-type]
+    assert ours == {
+        "embeddings.word_embeddings.weight": 0,
+        "layers.3.query.weight": 1,
+        "layers.3.attn_out.bias": 2,
+        "layers.3.attn_norm.weight": 3,
+        "layers.3.intermediate.weight": 4,
+        "layers.3.out_proj.weight": 5,
+        "layers.3.out_norm.bias": 6,
+    }
+    assert encoder_to_hf_names({"layers.3.out_norm.weight": 1}) == {  # type: ignore[dict-item]
+        "encoder.layer.3.output.LayerNorm.weight": 1}
