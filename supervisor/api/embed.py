@@ -52,7 +52,10 @@ async def embed_inputs(ctx: AppContext, model: str, inputs: list[Any], *, trunca
     inputs: strings or token id lists. An empty list only loads the model.
     """
     ref = await ctx.scheduler.resolve(model)
-    manifest = await anyio.to_thread.run_sync(ctx.store.manifest, ref)
+    # A loaded model's manifest is at hand; reading it again would cost a thread hop per request.
+    manifest = next((m.manifest for m in ctx.scheduler.loaded() if m.name == ref.name), None)
+    if manifest is None:
+        manifest = await anyio.to_thread.run_sync(ctx.store.manifest, ref)
     if manifest.kind != KIND_EMBEDDING:
         raise BadRequest(not_embedding_message(model), param="model")
     async with await ctx.scheduler.acquire(ref, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
