@@ -316,18 +316,20 @@ class EmbedEngine:
         self._inbox: queue.Queue[EmbedJob | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedding", daemon=True)
-        self.active_count = 0
-        self.queued_count = 0
+        self.active_count = 0  # requests in the forward pass now (written by the thread only)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def queued_count(self) -> int:
+        return self._inbox.qsize()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
     def submit(self, job: EmbedJob) -> None:
-        self.queued_count += 1
         self._inbox.put(job)
 
     def cancel_all(self) -> None:
@@ -343,7 +345,7 @@ class EmbedEngine:
             jobs = self._take()
             if not jobs:
                 continue
-            self.active_count, self.queued_count = len(jobs), max(0, self.queued_count - len(jobs))
+            self.active_count = len(jobs)
             try:
                 self._run_jobs(jobs)
             except Exception as e:  # fail these requests, keep serving the next ones
