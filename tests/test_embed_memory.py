@@ -3,7 +3,6 @@ and an embedding model and a chat model evict each other under a memory limit.""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -103,4 +102,3 @@ async def test_embedding_and_chat_models_evict_each_other(world: tuple[Scheduler
     assert _loaded(sched) == [EMB]
     assert again["embeddings"] == first["embeddings"]
     assert sched.loads == 3
-    await asyncio.sleep(0)
