@@ -24,8 +24,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from corral.runner.embed_spec import EmbedSpec, EmbedSpecError, embedding_spec
 from corral.runner.lifecycle import die_with_parent, hard_exit_after
 from corral.runner.precheck import ModelDirError, check_model_dir, default_num_ctx
 from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
@@ -84,6 +85,26 @@ def load(model_dir: Path) -> tuple[object, object]:
     return model, tokenizer
 
 
+def embedding_spec_or_fail(model_dir: Path, config: dict[str, Any]) -> EmbedSpec | None:
+    """The runner's mode, from the model's files: an EmbedSpec for embedding models."""
+    try:
+        return embedding_spec(model_dir, config)
+    except EmbedSpecError as e:
+        fail(str(e))
+    return None
+
+
+def load_embedder(model_dir: Path, spec: EmbedSpec, num_ctx: int, num_parallel: int) -> Any:
+    from corral.runner import embedding
+
+    try:
+        return embedding.load(model_dir, spec, num_ctx=num_ctx, num_parallel=num_parallel)
+    except Exception as e:  # any load failure becomes one line
+        detail = " ".join(str(e).split())[:300] or "no details"
+        fail(f"cannot load {model_dir}: {type(e).__name__}: {detail}")
+    return None
+
+
 STANDBY = "-"
 
 
@@ -127,13 +148,21 @@ def main(argv: list[str] | None = None) -> None:
     num_ctx = args.num_ctx or default_num_ctx(config, DEFAULT_NUM_CTX)
 
     t0 = time.perf_counter()
-    model, tokenizer = load(model_dir)
-    from corral.runner.engine import Engine
-    from corral.runner.routes import RunnerApp
+    spec = embedding_spec_or_fail(model_dir, config)
+    app: RunnerApp
+    if spec is not None:  # an embedding model: same process shape, /embed instead of /completion
+        engine: Any = load_embedder(model_dir, spec, num_ctx, args.num_parallel)
+        from corral.runner.embed_app import EmbedRunnerApp
 
-    engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel)
+        app = EmbedRunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
+    else:
+        model, tokenizer = load(model_dir)
+        from corral.runner.engine import Engine
+        from corral.runner.routes import RunnerApp
+
+        engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel)
+        app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
     engine.start()
-    app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
     log.info("loaded %s in %.2fs (num_ctx=%d num_parallel=%d)", model_dir, time.perf_counter() - t0,
              num_ctx, args.num_parallel)
     asyncio.run(serve(app, args.host, args.port))

@@ -12,6 +12,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from corral.runner.embed_spec import ENCODER_MODEL_TYPES
 from corral.runner.safetensors import SafetensorsError, read_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
@@ -42,6 +43,8 @@ def check_model_type(config: dict[str, object], model_dir: Path) -> None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelDirError(f"{model_dir}/config.json: no model_type")
+    if model_type in ENCODER_MODEL_TYPES:  # the runner's own encoder code (runner/embedding.py)
+        return
     module = _REMAPPED.get(model_type, model_type).replace("-", "_")
     # Locate mlx_lm without importing it (importing pulls in mlx: slow).
     spec = importlib.util.find_spec("mlx_lm")

@@ -31,6 +31,17 @@ ROUTE_STATUS = "/status"
 ROUTE_TOKENIZE = "/tokenize"
 ROUTE_DETOKENIZE = "/detokenize"
 ROUTE_COMPLETION = "/completion"
+ROUTE_EMBED = "/embed"
+"""Embedding runners only (a runner's GET /status says "kind": "embedding").
+
+POST {"input": [text | [token ids]], "truncate": true, "dimensions": N | null}
+-> 200 {"embeddings": [[float]], "prompt_eval_count": tokens, "total_duration": ns}.
+Texts get the model's special tokens (and its default prompt prefix); token
+id lists are used as given. An input over the context length is cut when
+truncate is true, else a 400. Vectors are L2-normalized; `dimensions` keeps
+the first N components, normalized again. A completion runner answers 404;
+an embedding runner answers /completion with 400.
+"""
 
 NDJSON = "application/x-ndjson"
 

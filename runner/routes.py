@@ -92,6 +92,8 @@ async def _ready_events(seq: Sequence) -> list[Event]:
 
 
 class RunnerApp:
+    kind = "completion"  # what /status reports; the embedding runner's subclass says "embedding"
+
     def __init__(self, engine: Engine, *, model_name: str, token: str | None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -131,6 +133,7 @@ class RunnerApp:
         return JSONResponse({
             "status": "ok" if self.engine.alive and not self.draining else "stopping",
             "model": self.model_name,
+            "kind": self.kind,
             "pid": os.getpid(),
             "context_length": self.engine.num_ctx,
             "num_parallel": self.engine.num_parallel,

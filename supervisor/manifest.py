@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.runner.embed_spec import KIND_COMPLETION, KIND_EMBEDDING, model_kind
 from corral.runner.protocol import DEFAULT_NUM_CTX
 from corral.runner.safetensors import SafetensorsError, TensorInfo, read_header
 
@@ -52,6 +53,7 @@ class Manifest:
     vocab_size: int = 0
     num_heads: int = 0  # query heads (attention scores scale with these)
     intermediate_size: int = 0  # MLP width (0: unknown)
+    kind: str = KIND_COMPLETION  # KIND_EMBEDDING: an embedding model (no KV cache, /api/embed only)
 
     @property
     def parameter_size(self) -> str:
@@ -113,6 +115,9 @@ def read_manifest(model_dir: Path) -> Manifest:
     layers, heads, kv_heads, head_dim, hidden = _attention_shape(text)
     dtype_bytes = _NAME_BYTES.get(dtype, DEFAULT_KV_DTYPE_BYTES)
     model_type = config["model_type"]
+    kind = model_kind(model_dir, config)
+    if kind == KIND_EMBEDDING:  # embedding models keep no KV cache
+        dtype_bytes = 0
     return Manifest(
         model_type=model_type,
         family=_FAMILY.get(model_type, model_type),
@@ -130,6 +135,7 @@ def read_manifest(model_dir: Path) -> Manifest:
         vocab_size=_int(text, "vocab_size", "n_vocab") or _int(config, "vocab_size") or 0,
         num_heads=heads,
         intermediate_size=_int(text, "intermediate_size", "ffn_dim", "n_inner") or 0,
+        kind=kind,
     )
 
 

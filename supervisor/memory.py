@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil
+from corral.runner.embed_spec import EMBED_BATCH_TOKENS, KIND_EMBEDDING
 from corral.supervisor.manifest import Manifest
 
 MiB = 1024 * 1024
@@ -97,6 +98,8 @@ def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int) -> NeedEs
     """Upper bound on the runner's peak memory for this model and shape (formula above)."""
     num_ctx = max(1, int(num_ctx))
     num_parallel = max(1, int(num_parallel))
+    if manifest.kind == KIND_EMBEDDING:
+        return estimate_embedding_need(manifest, num_ctx)
     weights = manifest.weight_bytes
     kv = manifest.kv_bytes_per_token * num_ctx * num_parallel
     overhead = RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel) + _prefill(manifest, num_ctx, num_parallel)
@@ -117,6 +120,30 @@ def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int) -> int:
     heads = manifest.num_heads or manifest.kv_heads
     scores = num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
     return acts + scores
+
+
+# ---- embedding models -----------------------------------------------------
+#
+# need = weights + RUNTIME_BYTES + batch activations; no KV cache. The runner
+# runs at most EMBED_BATCH_TOKENS padded tokens per forward pass (inputs of
+# up to L = min(num_ctx, EMBED_BATCH_TOKENS) tokens each), so the activations
+# are those of one prefill chunk of that many tokens: the residual stream and
+# MLP as for chat models, plus attention scores heads x tokens x L x 4 bytes
+# x 1.5, plus the pooled float32 vectors. Concurrent requests share batches,
+# so num_parallel does not multiply anything.
+
+
+def estimate_embedding_need(manifest: Manifest, num_ctx: int) -> NeedEstimate:
+    tokens = EMBED_BATCH_TOKENS
+    longest = min(max(1, num_ctx), tokens)
+    hidden = manifest.hidden_size or manifest.num_heads * manifest.head_dim
+    intermediate = manifest.intermediate_size or 4 * hidden
+    act_bytes = _DTYPE_BYTES.get(manifest.dtype, 4)
+    acts = tokens * (8 * hidden + 3 * intermediate) * act_bytes
+    scores = (manifest.num_heads or 1) * tokens * longest * 4 * 3 // 2
+    overhead = RUNTIME_BYTES + acts + scores + tokens * hidden * 4
+    weights = manifest.weight_bytes
+    return NeedEstimate(weights=weights, kv=0, overhead=overhead, total=weights + overhead)
 
 
 class MemoryProbe(Protocol):

@@ -10,6 +10,7 @@ import httpx
 from corral.runner.protocol import (
     ROUTE_COMPLETION,
     ROUTE_DETOKENIZE,
+    ROUTE_EMBED,
     ROUTE_HEALTH,
     ROUTE_STATUS,
     ROUTE_TOKENIZE,
@@ -193,3 +194,15 @@ class RunnerClient:
                     yield Chunk("".join(text))
         finally:
             await batches.aclose()
+
+    # -- embedding runners ----------------------------------------------------
+
+    async def embed(self, body: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+        """POST /embed (see ROUTE_EMBED): a 4xx is BadRequest, anything else RunnerFailed.
+
+        A large batch on a CPU may take minutes, hence the long timeout.
+        """
+        data = await self._request("POST", ROUTE_EMBED, body, timeout=timeout)
+        if not isinstance(data, dict) or not isinstance(data.get("embeddings"), list):
+            raise RunnerFailed("runner sent a malformed /embed answer")
+        return data

@@ -103,6 +103,8 @@ class RunnerAPI(Protocol):
 
     def events(self, request: RunnerRequest) -> AsyncGenerator[StreamEvent, None]: ...
 
+    async def embed(self, body: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]: ...
+
 
 class Runner(Protocol):
     """One runner process as the scheduler drives it (RunnerProcess, or a fake in tests)."""
@@ -388,6 +390,13 @@ class Lease:
     async def tokenize(self, text: str) -> list[int]:
         try:
             return await self._entry.process.client.tokenize(text)
+        except RunnerFailed as e:
+            raise await self._runner_error(e) from e
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /embed on an embedding runner (see ROUTE_EMBED in runner/protocol.py)."""
+        try:
+            return await self._entry.process.client.embed(body)
         except RunnerFailed as e:
             raise await self._runner_error(e) from e
 

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from corral.runner.embed_spec import ENCODER_MODEL_TYPES
 from corral.supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
 from corral.supervisor.manifest import (
     Manifest,
@@ -142,6 +143,8 @@ def supported_model_type(model_type: str) -> bool:
     """True when mlx_lm has an architecture module for this config model_type."""
     if not _MODEL_TYPE.match(model_type):
         return False
+    if model_type in ENCODER_MODEL_TYPES:  # embedding encoders: the runner's own code loads them
+        return True
     pkg = _mlx_lm_dir()
     if pkg is None:  # mlx_lm not installed here: the runner will be the judge
         return True

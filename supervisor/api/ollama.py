@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 import corral.supervisor as supervisor
+from corral.runner.embed_spec import KIND_EMBEDDING
 from corral.runner.protocol import (
     NDJSON,
     Done,
@@ -217,7 +218,18 @@ class Generation:
             reason = "load"
         return JSONResponse(self.line("", done=True, extra={"done_reason": reason}))
 
+    async def refuse_embedding_model(self) -> None:
+        """Ollama's 400 for generate/chat on an embedding model, before anything loads."""
+        try:
+            ref = await self.ctx.scheduler.resolve(self.model)
+            manifest = await anyio.to_thread.run_sync(self.ctx.store.manifest, ref)
+        except (CorralError, ValueError, OSError):
+            return  # unknown or unreadable: acquire reports it as for any model
+        if manifest.kind == KIND_EMBEDDING:
+            raise BadRequest(f'"{self.model}" does not support {"chat" if self.chat else "generate"}')
+
     async def respond(self) -> Response:
+        await self.refuse_embedding_model()
         if self.empty:
             return await self.load_or_unload()
         return await respond(self.ctx, self.request, stream=self.stream, render_stream=self._stream,
@@ -432,6 +444,8 @@ def show_payload(ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
     capabilities = ["completion"]
     if "tools" in template:
         capabilities.append("tools")
+    if manifest.kind == KIND_EMBEDDING:
+        capabilities = ["embedding"]
     out: dict[str, Any] = {
         "modelfile": modelfile(ref, template, params, lic),
         "parameters": params,
