@@ -40,6 +40,10 @@ log = logging.getLogger("runner")
 SHUTDOWN_GRACE_S = 2.0
 """How long SIGTERM waits for cancelled streams to flush their last line."""
 
+KV_SAVE_S = 1.5
+"""How long SIGTERM may spend writing the prompt cache's disk tier (most recent first).
+SHUTDOWN_GRACE_S + KV_SAVE_S stays under the supervisor's SIGTERM-to-SIGKILL grace."""
+
 KEEP_ALIVE_S = 3600
 """How long an idle connection from the supervisor stays open.
 
@@ -126,6 +130,8 @@ def await_assignment(args: argparse.Namespace) -> None:
         args.num_ctx = int(assignment.get("num_ctx") or 0)
         args.num_parallel = int(assignment.get("num_parallel") or DEFAULT_NUM_PARALLEL)
         args.name = assignment.get("name") or args.name
+        env = assignment.get("env") or {}
+        os.environ.update({str(k): str(v) for k, v in env.items()})  # settings that vary per model
     except (ValueError, KeyError, TypeError) as e:
         fail(f"standby: bad model assignment on stdin: {e}")
     if args.num_ctx < 0 or args.num_parallel < 1:
@@ -157,10 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         app = EmbedRunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
     else:
         model, tokenizer = load(model_dir)
+        from corral.runner import prompt_cache
         from corral.runner.engine import Engine
         from corral.runner.routes import RunnerApp
 
-        engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel)
+        cache = prompt_cache.from_env(model, model_dir, num_ctx=num_ctx, num_parallel=args.num_parallel)
+        engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, prompt_cache=cache)
         app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
     engine.start()
     log.info("loaded %s in %.2fs (num_ctx=%d num_parallel=%d)", model_dir, time.perf_counter() - t0,
@@ -193,7 +201,7 @@ async def serve(app: RunnerApp, host: str, port: int) -> None:
         if app.draining:
             return
         log.info("SIGTERM: cancelling %d stream(s) and shutting down", app.streams)
-        hard_exit_after(SHUTDOWN_GRACE_S + 2.0, 0)
+        hard_exit_after(SHUTDOWN_GRACE_S + KV_SAVE_S + 2.0, 0)
         app.cancel_all()
         tasks.add(loop.create_task(_finish(server, app)))
 
@@ -202,12 +210,25 @@ async def serve(app: RunnerApp, host: str, port: int) -> None:
     await server.serve()
 
 
+def save_prompt_cache(app: RunnerApp) -> None:
+    """Stop generation, writing the prompt cache's disk tier within KV_SAVE_S."""
+    engine = app.engine
+    if not hasattr(engine, "stop_and_save"):  # embedding runners keep no prompt cache
+        return
+    t0 = time.perf_counter()
+    files, nbytes = engine.stop_and_save(KV_SAVE_S)
+    if files or nbytes:
+        log.info("prompt cache: wrote %d file(s), %d bytes on disk, in %.0f ms",
+                 files, nbytes, (time.perf_counter() - t0) * 1000)
+
+
 async def _finish(server: uvicorn.Server, app: RunnerApp) -> None:
     # Let every cancelled stream write its done line, then stop serving
     # without uvicorn's unbounded wait for connections.
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
     while app.streams > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+    save_prompt_cache(app)
     # Exit now rather than through uvicorn's shutdown (a 0.1 s tick, then
     # connection draining) and interpreter teardown: every stream has written
     # its last line, and the OS reclaims sockets and memory at once. Eviction

@@ -21,10 +21,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+from corral.runner.prompt_cache import PromptCache
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 log = logging.getLogger("runner")
 
@@ -42,6 +45,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     uid: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prompt cache
     eval_count: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
@@ -62,8 +66,10 @@ def _deliver(events: list[tuple[Sequence, Event]]) -> None:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.model = model
+        self.prompt_cache = prompt_cache
         self.tokenizer = tokenizer
         self.num_ctx = num_ctx
         self.num_parallel = num_parallel
@@ -76,6 +82,8 @@ class Engine:
         self._outbox: list[tuple[Sequence, Event]] = []
         self.active_count = 0
         self.queued_count = 0
+        self._save_budget_s = 0.0
+        self.saved = (0, 0)  # what stop_and_save wrote: files, bytes on disk
 
     # -- called from the HTTP side ------------------------------------------
 
@@ -100,6 +108,16 @@ class Engine:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=5)
 
+    def stop_and_save(self, time_budget_s: float) -> tuple[int, int]:
+        """Stop, writing the prompt cache's disk tier on the way out; (files, bytes on disk).
+
+        The write happens on the generation thread: MLX arrays belong to the
+        stream of the thread that made them.
+        """
+        self._save_budget_s = time_budget_s
+        self.stop()
+        return self.saved
+
     # -- the generation thread ----------------------------------------------
 
     def _run(self) -> None:
@@ -110,6 +128,8 @@ class Engine:
             prefill_batch_size=self.num_parallel,
         )
         try:
+            if self.prompt_cache is not None:
+                self.prompt_cache.load()  # the disk tier of an earlier run of this model
             while not self._stop.is_set():
                 self._drain_inbox(gen, block=not self._active)
                 self._admit(gen)
@@ -123,7 +143,17 @@ class Engine:
                 seq.emit("error", f"generation failed: {e}")
             self._stop.set()
         finally:
+            self._save(gen)
             gen.close()
+
+    def _save(self, gen: BatchGenerator) -> None:
+        if self.prompt_cache is None or self._save_budget_s <= 0:
+            return
+        try:
+            with mx.stream(gen._stream):
+                self.saved = self.prompt_cache.save(self._save_budget_s)
+        except Exception:  # a failed write must not block the exit
+            log.exception("prompt cache: disk write failed")
 
     def _drain_inbox(self, gen: BatchGenerator, *, block: bool) -> None:
         try:
@@ -153,9 +183,12 @@ class Engine:
             batch.append(self._waiting.popleft())
         if not batch:
             return
+        caches = [self._cached_prefix(gen, s) for s in batch]
         uids = gen.insert(
-            [s.prompt for s in batch],
+            [s.prompt[s.cached_tokens:] for s in batch],
             max_tokens=[s.max_tokens for s in batch],
+            caches=caches,  # type: ignore[arg-type]  # None: a fresh cache
+            all_tokens=[s.prompt[:s.cached_tokens] for s in batch],
             samplers=[make_sampler(s.options) for s in batch],  # type: ignore[misc]
             logits_processors=[make_processors(s.options, self.num_ctx) for s in batch],
         )
@@ -167,6 +200,42 @@ class Engine:
             self._active[uid] = seq
         self._update_counts()
 
+    def _cached_prefix(self, gen: BatchGenerator, seq: Sequence) -> list[Any] | None:
+        """The KV state of the longest cached prefix of seq.prompt, or None; sets
+        seq.cached_tokens. Candidates: the prompt cache, and the sequences still
+        in the batch (a copy of their cache, trimmed to the shared prefix)."""
+        if self.prompt_cache is None or not self.prompt_cache.enabled:
+            return None
+        cache, cached = self.prompt_cache.fetch(seq.prompt)
+        live = self._live_prefix(gen, seq.prompt, cached)
+        if live is not None:
+            cache, cached = live
+        seq.cached_tokens = cached
+        return cache
+
+    def _live_prefix(self, gen: BatchGenerator, prompt: list[int], best: int) -> tuple[list[Any], int] | None:
+        # A concurrent sequence sharing a longer prefix (say, the same system
+        # prompt) lends a copy of its cache: BatchGenerator.extract_cache.
+        longest, uid = best, None
+        for other in self._active.values():
+            n = _common_prefix(prompt, other.prompt, len(prompt) - 1)
+            if n > longest and other.uid is not None:
+                longest, uid = n, other.uid
+        if uid is None:
+            return None
+        found = gen.extract_cache([uid]).get(uid)
+        if found is None:
+            return None
+        cache, tokens = found
+        have = min(len(tokens), longest)
+        if have <= best or not trim_prompt_cache_to(cache, len(tokens), have):
+            return None
+        return cache, have
+
+    def _keep_cache(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        if self.prompt_cache is not None and tokens and cache:
+            self.prompt_cache.store(list(tokens), cache)
+
     def _step(self, gen: BatchGenerator) -> None:
         _, responses = gen.next()
         now = time.perf_counter()
@@ -176,6 +245,8 @@ class Engine:
                 continue
             if not seq.first_token:
                 seq.first_token = now
+            if r.finish_reason is not None:  # out of the batch: its cache comes with it
+                self._keep_cache(r.all_tokens, r.prompt_cache)
             self._on_token(gen, seq, r.token, r.finish_reason)
 
     def _on_token(self, gen: BatchGenerator, seq: Sequence, token: int, finish: str | None) -> None:
@@ -200,7 +271,11 @@ class Engine:
         seq.finished = True
         if seq.uid is not None and seq.uid in self._active:
             del self._active[seq.uid]
-            gen.remove([seq.uid])  # frees its KV cache slot (a no-op if already done)
+            # frees its KV cache slot (a no-op if already done), keeping a copy
+            kept = gen.remove([seq.uid], return_prompt_caches=self.prompt_cache is not None)
+            if seq.uid in kept:
+                cache, tokens = kept[seq.uid]
+                self._keep_cache(tokens, cache)
         elif seq in self._waiting:
             self._waiting.remove(seq)
         if reason != DONE_CANCELLED and seq.detok is not None and seq.stops is not None:
@@ -234,7 +309,8 @@ class Engine:
         start = seq.admitted or end
         return {
             "done_reason": reason,
-            "prompt_eval_count": len(seq.prompt),
+            "prompt_eval_count": len(seq.prompt) - seq.cached_tokens,  # evaluated, as Ollama counts
+            "cached_tokens": seq.cached_tokens,
             "prompt_eval_duration": int((first - start) * 1e9),
             "eval_count": seq.eval_count,
             "eval_duration": int((end - first) * 1e9),
@@ -244,3 +320,20 @@ class Engine:
     def _update_counts(self) -> None:
         self.active_count = len(self._active)
         self.queued_count = len(self._waiting)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def trim_prompt_cache_to(cache: list[Any], length: int, keep: int) -> bool:
+    """Trim a cache holding `length` tokens down to its first `keep`; False if it cannot be trimmed."""
+    if not can_trim_prompt_cache(cache):
+        return False
+    trim_prompt_cache(cache, length - keep)
+    return True

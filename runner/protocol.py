@@ -214,6 +214,14 @@ class Done:
     eval_duration: int = 0
     tool_calls: tuple[dict[str, Any], ...] = ()
     stop_sequence: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens served from the prompt cache; prompt_eval_count excludes them
+    (it counts the tokens actually evaluated, as Ollama's does)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The whole prompt's length: evaluated plus cached."""
+        return self.prompt_eval_count + self.cached_tokens
 
 
 def chunk_line(content: str) -> dict[str, Any]:
@@ -229,8 +237,10 @@ def done_line(
     eval_count: int,
     eval_duration: int,
     stop_sequence: str | None = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
-    """The last stream line; durations in nanoseconds; `stop_sequence` the matched stop string."""
+    """The last stream line; durations in nanoseconds; `stop_sequence` the matched stop string;
+    `cached_tokens` prompt tokens reused from the prompt cache (not in prompt_eval_count)."""
     return {
         "content": "",
         "done": True,
@@ -240,6 +250,7 @@ def done_line(
         "eval_count": eval_count,
         "eval_duration": eval_duration,
         "stop_sequence": stop_sequence,
+        "cached_tokens": cached_tokens,
     }
 
 
@@ -255,6 +266,7 @@ def done_from_line(line: Mapping[str, Any]) -> Done:
         eval_duration=int(line.get("eval_duration") or 0),
         tool_calls=tuple(c for c in calls if isinstance(c, dict)) if isinstance(calls, list) else (),
         stop_sequence=stop if isinstance(stop, str) else None,
+        cached_tokens=int(line.get("cached_tokens") or 0),
     )
 
 
@@ -291,3 +303,56 @@ def json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BodyError(f"request body must be a JSON object, got {type(value).__name__}")
     return value
+
+
+# ---- prompt cache settings (read by the runner, charged by the supervisor) ----
+
+PROMPT_CACHE_ENV = "CORRAL_PROMPT_CACHE"
+KV_DISK_ENV = "CORRAL_KV_DISK"
+KV_DIR_ENV = "CORRAL_KV_DIR"
+"""The runner's disk-tier directory (CORRAL_HOME/kv/<model key>), set by the supervisor."""
+DEFAULT_PROMPT_CACHE = "50%"
+DEFAULT_KV_DISK = "4GiB"
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
+               "tib": 1024**4}
+
+
+def parse_size(value: str) -> int:
+    """"512MiB", "2GB", "1048576", "0" as bytes; ValueError otherwise."""
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"not a size: {value!r}")
+    n = float(num)
+    if not math.isfinite(n) or n < 0:
+        raise ValueError(f"not a size: {value!r}")
+    return int(n * _SIZE_UNITS[unit])
+
+
+def prompt_cache_budget(spec: str, model_bytes: int) -> int:
+    """CORRAL_PROMPT_CACHE in bytes: a size ("1GiB"), or a share ("50%") of the model's
+    memory (weights plus the KV cache of its context slots); "0" or "off" disables it."""
+    text = str(spec).strip().lower()
+    if text in ("off", "false", "no", ""):
+        return 0
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not math.isfinite(share) or not 0 <= share <= 1000:
+            raise ValueError(f"not a share: {spec!r}")
+        return int(model_bytes * share / 100)
+    return parse_size(text)
+
+
+def kv_dir_name(model_dir: str) -> str:
+    """The name of a model's disk-tier directory under CORRAL_HOME/kv: the snapshot
+    commit for a Hugging Face snapshot, else a hash of the model's path."""
+    import hashlib
+    from pathlib import PurePath
+
+    path = PurePath(model_dir)
+    if path.parent.name == "snapshots" and path.name:
+        return path.name
+    return hashlib.sha256(str(path).encode()).hexdigest()

@@ -147,7 +147,20 @@ class RunnerApp:
                 "rss": rss,
                 "peak_rss": max(rss, peak_rss_bytes()),
             },
+            **self._cache_status(),
         })
+
+    def _cache_status(self) -> dict[str, Any]:
+        cache = getattr(self.engine, "prompt_cache", None)
+        if cache is None:
+            return {}
+        stats = cache.stats
+        return {"prompt_cache": {
+            "budget": cache.max_bytes, "bytes": cache.nbytes, "entries": cache.entries,
+            "hits": stats.hits, "misses": stats.misses, "cached_tokens": stats.cached_tokens,
+            "disk_bytes": cache.disk_used, "disk_budget": cache.disk_bytes,
+            "disk_loaded": stats.disk_loaded, "disk_rejected": stats.disk_rejected,
+        }}
 
     async def tokenize(self, request: Request) -> Response:
         try:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL
+from corral.runner.protocol import (
+    DEFAULT_KV_DISK,
+    DEFAULT_NUM_CTX,
+    DEFAULT_NUM_PARALLEL,
+    DEFAULT_PROMPT_CACHE,
+    parse_size,
+    prompt_cache_budget,
+)
 from corral.supervisor.errors import BadRequest
 
 if sys.version_info >= (3, 11):
@@ -198,6 +205,23 @@ def _bytes(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: parse_memory_limit(raw, total) or 0}
 
 
+def _cache_budget(name: str, raw: Any, total: int) -> dict[str, Any]:
+    # Kept as text: a share ("50%") resolves per model (its weights and KV slots).
+    text = str(raw).strip()
+    try:
+        prompt_cache_budget(text, 1)
+    except ValueError:
+        raise BadRequest(f"{name} must be a size (`1GiB`), a share (`50%`) or `0`, got {raw!r}") from None
+    return {name: text}
+
+
+def _size(name: str, raw: Any, total: int) -> dict[str, Any]:
+    try:
+        return {name: parse_size(str(raw))}
+    except ValueError:
+        raise BadRequest(f"{name} must be a size (`4GiB`, `0`), got {raw!r}") from None
+
+
 def _text(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: str(raw) if raw not in (None, "") else None}
 
@@ -296,6 +320,10 @@ SETTINGS: tuple[Setting, ...] = (
             "model for Anthropic/OpenAI names that are not local (`claude-*`)", default_note="none"),
     Setting("reserve", "SIZE", "512MiB", _bytes,
             "memory kept free for the OS and the supervisor", flag=False),
+    Setting("prompt_cache", "SIZE|SHARE", DEFAULT_PROMPT_CACHE, _cache_budget,
+            "prompt (KV) cache per model: bytes, `1GiB`, a share of the model's memory, `0` off"),
+    Setting("kv_disk", "SIZE", DEFAULT_KV_DISK, _size,
+            "disk for prompt caches kept across unloads (`CORRAL_HOME/kv`, all models), `0` off"),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 RUNTIME_MUTABLE = tuple(s.name for s in SETTINGS if s.mutable)
@@ -336,6 +364,8 @@ class Settings:
     allow_pull: str | None = field(default_factory=_default("allow_pull"))  # None: no; "*" or comma-separated fnmatch patterns
     default_model: str | None = field(default_factory=_default("default_model"))  # Anthropic/OpenAI names that are not local map here
     reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor
+    prompt_cache: str = field(default_factory=_default("prompt_cache"))  # size or share, resolved per model
+    kv_disk: int = field(default_factory=_default("kv_disk"))  # bytes of disk-tier prompt caches, all models
 
     @property
     def logs_dir(self) -> Path:

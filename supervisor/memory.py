@@ -1,6 +1,6 @@
 """What a loaded model costs in memory, before and after it loads.
 
-need(model) = weights + kv + overhead                        (all in bytes)
+need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
 
     weights  = manifest.weight_bytes (sum of the safetensors tensor sizes)
     kv       = kv_bytes_per_token x num_ctx x num_parallel
@@ -30,6 +30,13 @@ need(model) = weights + kv + overhead                        (all in bytes)
                (on Metal/CUDA fused attention makes this an overestimate).
     decode   = num_parallel x vocab x 4 bytes x 4 (float32 logits, log-softmax
                and the sampler's copies, one step at a time).
+
+    prompt_cache = the runner's prompt-cache budget (CORRAL_PROMPT_CACHE: a
+               size, or a share of weights + kv, resolved by the same
+               function the runner uses). The runner evicts by bytes to stay
+               within it, so a full cache adds exactly this much; the copy a
+               cache hit makes is one sequence's KV at most, already inside
+               kv_slack's second kv.
 
 "peak" is the runner process's peak RSS: on the CPU backend every MLX
 buffer lives in RSS, and it is what the OS must have free. Measured on this
@@ -77,6 +84,7 @@ from typing import Any, Protocol
 
 import psutil
 from corral.runner.embed_spec import EMBED_BATCH_TOKENS, KIND_EMBEDDING
+from corral.runner.protocol import DEFAULT_PROMPT_CACHE, prompt_cache_budget
 from corral.supervisor.manifest import Manifest
 
 MiB = 1024 * 1024
@@ -92,10 +100,13 @@ class NeedEstimate:
     kv: int
     overhead: int
     total: int
+    prompt_cache: int = 0  # the prompt cache's budget (part of total)
 
 
-def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int) -> NeedEstimate:
-    """Upper bound on the runner's peak memory for this model and shape (formula above)."""
+def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int, *,
+                  prompt_cache: str = DEFAULT_PROMPT_CACHE) -> NeedEstimate:
+    """Upper bound on the runner's peak memory for this model and shape (formula above);
+    `prompt_cache` is the CORRAL_PROMPT_CACHE setting."""
     num_ctx = max(1, int(num_ctx))
     num_parallel = max(1, int(num_parallel))
     if manifest.kind == KIND_EMBEDDING:
@@ -104,7 +115,9 @@ def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int) -> NeedEs
     kv = manifest.kv_bytes_per_token * num_ctx * num_parallel
     overhead = RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel) + _prefill(manifest, num_ctx, num_parallel)
     overhead += num_parallel * max(manifest.vocab_size, 1) * 4 * 4
-    return NeedEstimate(weights=weights, kv=kv, overhead=overhead, total=weights + kv + overhead)
+    cache = prompt_cache_budget(prompt_cache, weights + kv)
+    return NeedEstimate(weights=weights, kv=kv, overhead=overhead, total=weights + kv + overhead + cache,
+                        prompt_cache=cache)
 
 
 def _kv_slack(manifest: Manifest, kv: int, num_parallel: int) -> int:

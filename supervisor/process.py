@@ -29,18 +29,25 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
-from corral.runner.protocol import PARENT_PID_ENV, TOKEN_ENV
+from corral.runner.protocol import (
+    KV_DIR_ENV,
+    KV_DISK_ENV,
+    PARENT_PID_ENV,
+    PROMPT_CACHE_ENV,
+    TOKEN_ENV,
+    kv_dir_name,
+)
 from corral.supervisor.errors import LoadTimeout, RunnerFailed
 from corral.supervisor.runner_client import RunnerClient
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL (the runner's drain + disk-tier write fit in it)
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
 
 
@@ -85,7 +92,9 @@ class RunnerProcess:
         host: str = "127.0.0.1",
         stop_grace: float = STOP_GRACE,
         standby: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.env = dict(env or {})  # runner settings (runner_env); a standby gets them on stdin
         self.standby = standby  # spawned with --model -, model assigned on stdin
         self.name = name
         self.model_dir = Path(model_dir)
@@ -164,6 +173,7 @@ class RunnerProcess:
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
+        env.update(self.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=env,
@@ -175,17 +185,19 @@ class RunnerProcess:
         self._stderr_task = asyncio.create_task(self._pump_stderr())
         self._watch_task = asyncio.create_task(self._watch())
 
-    def adopt(self, name: str, model_dir: Path, num_ctx: int, num_parallel: int) -> None:
+    def adopt(self, name: str, model_dir: Path, num_ctx: int, num_parallel: int,
+              env: Mapping[str, str] | None = None) -> None:
         """Give a spawned standby its model; `start` then sends it and waits for ready."""
         if not self.standby or self.state is not RunnerState.STARTING:
             raise RuntimeError(f"runner {self.name}: only a waiting standby can be adopted")
         self.name, self.model_dir, self.num_ctx, self.num_parallel = name, Path(model_dir), num_ctx, num_parallel
+        self.env = dict(env or {})
         self._write_record()  # the record names the model it now serves
 
     async def _assign(self) -> None:
         assert self._proc is not None and self._proc.stdin is not None
         line = json.dumps({"model": str(self.model_dir), "num_ctx": self.num_ctx,
-                           "num_parallel": self.num_parallel, "name": self.name})
+                           "num_parallel": self.num_parallel, "name": self.name, "env": self.env})
         with contextlib.suppress(ConnectionError, BrokenPipeError):
             self._proc.stdin.write(line.encode() + b"\n")
             await self._proc.stdin.drain()
@@ -315,6 +327,20 @@ class RunnerProcess:
             await self._client.aclose()
 
 
+def runner_env(settings: Any, model_dir: Path) -> dict[str, str]:
+    """The environment a completion runner reads its prompt-cache settings from:
+    the budget, and the disk tier (CORRAL_HOME/kv/<model key>, see kv_dir_name)."""
+    env = {PROMPT_CACHE_ENV: str(settings.prompt_cache), KV_DISK_ENV: str(settings.kv_disk)}
+    if int(settings.kv_disk) > 0:
+        env[KV_DIR_ENV] = str(kv_root(Path(settings.home)) / kv_dir_name(str(model_dir)))
+    return env
+
+
+def kv_root(home: Path) -> Path:
+    """Where every model's disk-tier prompt caches live."""
+    return Path(home) / "kv"
+
+
 def _alive_as(pid: int, create_time: float) -> bool:
     """True when `pid` runs and is the same process that was recorded (not a recycled pid)."""
     try:
@@ -371,14 +397,15 @@ class StandbyFactory:
         self.refill()
         if spare is not None and spare.spawned and spare.state is RunnerState.STARTING \
                 and not spare._exited.is_set():
-            spare.adopt(spec.name, spec.model_dir, spec.num_ctx, spec.num_parallel)
+            spare.adopt(spec.name, spec.model_dir, spec.num_ctx, spec.num_parallel, getattr(spec, "env", None))
             return spare
         if spare is not None:  # a dead or odd spare: make sure it is reaped
             task = asyncio.ensure_future(spare.stop())
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
         return RunnerProcess(spec.name, spec.model_dir, home=self.home, num_ctx=spec.num_ctx,
-                             num_parallel=spec.num_parallel, command=self.command)
+                             num_parallel=spec.num_parallel, command=self.command,
+                             env=getattr(spec, "env", None))
 
     def refill(self) -> None:
         """Spawn a spare in the background if there is none."""

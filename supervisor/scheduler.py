@@ -77,7 +77,13 @@ from corral.supervisor.memory import (
     estimate_need,
     footprint,
 )
-from corral.supervisor.process import RunnerProcess, RunnerState, StandbyFactory, cleanup_orphans
+from corral.supervisor.process import (
+    RunnerProcess,
+    RunnerState,
+    StandbyFactory,
+    cleanup_orphans,
+    runner_env,
+)
 from corral.supervisor.runner_client import StreamEvent
 from corral.supervisor.store import ModelRef, normalize_name
 
@@ -138,6 +144,7 @@ class RunnerSpec:
     home: Path
     num_ctx: int
     num_parallel: int
+    env: dict[str, str] = field(default_factory=dict)  # runner settings (runner_env)
 
 
 class RunnerFactory(Protocol):
@@ -173,7 +180,7 @@ EstimateFn = Callable[[Manifest, int, int], NeedEstimate]
 
 def default_runner_factory(spec: RunnerSpec) -> RunnerProcess:
     return RunnerProcess(spec.name, spec.model_dir, home=spec.home, num_ctx=spec.num_ctx,
-                         num_parallel=spec.num_parallel)
+                         num_parallel=spec.num_parallel, env=spec.env)
 
 
 class TimerHandle(Protocol):
@@ -209,6 +216,7 @@ class LoadedModel:
     expires_at: float | None  # unix time; None = never (pinned or keep_alive < 0); while busy: now + keep_alive
     active: int  # requests in flight
     pinned: bool
+    prompt_cache: dict[str, Any] = field(default_factory=dict)  # the runner's /status "prompt_cache"
 
 
 class _Phase(enum.Enum):
@@ -571,6 +579,7 @@ class Scheduler:
                 name=e.name, ref=e.ref, manifest=e.manifest, pid=e.process.pid, state=e.process.state.value,
                 size=size, size_vram=0 if device == "cpu" else size, context_length=e.context_length,
                 num_parallel=e.num_parallel, expires_at=expires, active=e.active, pinned=pinned,
+                prompt_cache=dict(e.status.get("prompt_cache") or {}),
             ))
         return rows
 
@@ -986,7 +995,8 @@ class Scheduler:
 
     def _start_load(self, head: _Ticket, manifest: Manifest, num_ctx: int, num_parallel: int, need: int) -> None:
         ref = head.ref
-        spec = RunnerSpec(ref.name, ref.path, Path(self.settings.home), num_ctx, num_parallel)
+        spec = RunnerSpec(ref.name, ref.path, Path(self.settings.home), num_ctx, num_parallel,
+                          env=runner_env(self.settings, ref.path))
         try:
             process = self.runner_factory(spec)
         except Exception as e:

@@ -75,12 +75,15 @@ def _address_in_use_message(settings: Settings) -> str:
 
 
 def build_context(settings: Settings) -> Any:
+    from functools import partial
+
     from corral.supervisor.api.context import AppContext
+    from corral.supervisor.memory import estimate_need
     from corral.supervisor.scheduler import Scheduler
     from corral.supervisor.store import ModelStore
 
     store = ModelStore(settings.home)
-    scheduler = Scheduler(settings, store)
+    scheduler = Scheduler(settings, store, estimate=partial(estimate_need, prompt_cache=settings.prompt_cache))
     return AppContext(settings=settings, store=store, scheduler=scheduler)
 
 

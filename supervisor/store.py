@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from corral.runner.embed_spec import ENCODER_MODEL_TYPES
+from corral.runner.protocol import kv_dir_name
 from corral.supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
 from corral.supervisor.manifest import (
     Manifest,
@@ -304,8 +305,10 @@ class ModelStore:
         with self._lock:
             reg = self._registry()
             if key in reg:
-                del reg[key]
+                path = str(reg.pop(key).get("path", ""))
                 self._write_registry(reg)
+                if path and all(str(r.get("path", "")) != path for r in reg.values()):
+                    self._drop_prompt_caches(Path(path))
                 return
         entry = self._hub_entry(key)
         if entry is None:
@@ -315,6 +318,11 @@ class ModelStore:
             raise BadRequest(f"refusing to delete {entry.root}: outside the hub cache")
         shutil.rmtree(entry.root)
         self._manifests.pop(entry.snapshot, None)
+        self._drop_prompt_caches(entry.snapshot)
+
+    def _drop_prompt_caches(self, model_dir: Path) -> None:
+        """A deleted model's disk-tier prompt caches go with it (CORRAL_HOME/kv/<model key>)."""
+        shutil.rmtree(self.home / "kv" / kv_dir_name(str(model_dir)), ignore_errors=True)
 
     # -- the hub cache --------------------------------------------------------
 

@@ -241,7 +241,9 @@ class MessageRequest:
 
     @staticmethod
     def _usage(done: Done) -> dict[str, int]:
-        return {"input_tokens": done.prompt_eval_count, "output_tokens": done.eval_count}
+        # As Anthropic counts: input_tokens excludes tokens read from the prompt cache.
+        return {"input_tokens": done.prompt_eval_count, "output_tokens": done.eval_count,
+                "cache_read_input_tokens": done.cached_tokens, "cache_creation_input_tokens": 0}
 
     def _message(self, content: list[dict[str, Any]], usage: dict[str, int],
                  stop_reason: str | None, stop_sequence: str | None) -> dict[str, Any]:

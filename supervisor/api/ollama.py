@@ -337,6 +337,8 @@ def ps_row(m: LoadedModel) -> dict[str, Any]:
         "active": m.active,
         "pinned": m.pinned,
         "num_parallel": m.num_parallel,
+        # the runner's prompt cache: hits, bytes in memory and on disk (its last /status)
+        "prompt_cache": m.prompt_cache,
     }
 
 

@@ -203,9 +203,11 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return bool_field(opts, "include_usage")
 
 
-def _usage(done: Done) -> dict[str, int]:
-    prompt, completion = done.prompt_eval_count, done.eval_count
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(done: Done) -> dict[str, Any]:
+    # prompt_tokens is the whole prompt; the part served from the prompt cache is in details.
+    prompt, completion = done.prompt_tokens, done.eval_count
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 def _finish_reason(done: Done, calls: list[dict[str, Any]]) -> str:
