@@ -311,7 +311,7 @@ PROMPT_CACHE_ENV = "CORRAL_PROMPT_CACHE"
 KV_DISK_ENV = "CORRAL_KV_DISK"
 KV_DIR_ENV = "CORRAL_KV_DIR"
 """The runner's disk-tier directory (CORRAL_HOME/kv/<model key>), set by the supervisor."""
-DEFAULT_PROMPT_CACHE = "50%"
+DEFAULT_PROMPT_CACHE = "25%"
 DEFAULT_KV_DISK = "4GiB"
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

@@ -55,6 +55,8 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("allow_pull", "allow_pull", ["--allow-pull"], "mlx-community/*", 'allow_pull = "org/*"', "*", "mlx-community/*", "org/*", None),
     ("default_model", "default_model", ["--default-model", "f/m"], "e/m", 'default_model = "c/m"', "f/m", "e/m", "c/m", None),
     ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
+    ("prompt_cache", "prompt_cache", ["--prompt-cache", "1GiB"], "10%", 'prompt_cache = "0"', "1GiB", "10%", "0", "25%"),
+    ("kv_disk", "kv_disk", ["--kv-disk", "1KiB"], "2KiB", 'kv_disk = "0"', 1024, 2048, 0, 4 * 1024**3),
 ]
 
 
@@ -223,6 +225,7 @@ def test_api_settings_json_of_the_defaults() -> None:
         "max_queue": 512, "context_length": 4096, "memory_limit": None,
         "memory_limit_raw": None, "load_timeout": 300.0, "api_key_set": False, "origins": [],
         "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
+        "prompt_cache": "25%", "kv_disk": 4 * 1024**3,
     }
 
 

@@ -155,7 +155,8 @@ def test_estimate_parts(tiny_model: Path) -> None:
     assert isinstance(e, NeedEstimate)
     assert e.weights == m.weight_bytes
     assert e.kv == m.kv_bytes_per_token * 1024 * 2
-    assert e.total == e.weights + e.kv + e.overhead
+    assert e.total == e.weights + e.kv + e.overhead + e.prompt_cache  # the cache budget is charged
+    assert e.prompt_cache == (e.weights + e.kv) // 4  # the default, 25% of the model's memory
     assert e.overhead >= RUNTIME_BYTES
 
 

@@ -170,7 +170,7 @@ def test_settings_parse_and_reject() -> None:
     with pytest.raises(BadRequest):
         _cache_budget("prompt_cache", "a lot", 0)
     s = Settings()
-    assert s.prompt_cache == "50%" and s.kv_disk == 4 << 30
+    assert s.prompt_cache == "25%" and s.kv_disk == 4 << 30
 
 
 def test_runner_env_points_at_the_kv_dir(tmp_path: Path) -> None:

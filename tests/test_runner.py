@@ -178,7 +178,7 @@ def test_chat_with_tools_renders_tools_and_does_not_crash(runner: RunnerProcess,
     ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     text, done = stream(runner.url, {"messages": messages, "tools": tools,
                                      "options": {"temperature": 0, "num_predict": 8}})
-    assert done["prompt_eval_count"] == len(ids)
+    assert done["prompt_eval_count"] + done["cached_tokens"] == len(ids)  # a repeat is served from the cache
     assert text == reference(mlx_model, ids, 8)  # this tokenizer has no tool-call markup: plain text
     assert "tool_calls" not in done
 
