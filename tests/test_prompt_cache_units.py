@@ -195,3 +195,18 @@ def test_estimate_charges_the_cache_budget(tiny_model: Path) -> None:
     assert half.prompt_cache == (m.weight_bytes + half.kv) // 2
     assert half.total == off.total + half.prompt_cache
     assert fixed.total == off.total + (8 << 20)
+
+
+def test_deleting_a_model_deletes_its_caches(tiny_model: Path, tmp_path: Path) -> None:
+    from corral.supervisor.store import ModelStore
+
+    store = ModelStore(tmp_path / "home", hf_cache=tmp_path / "hub")
+    ref = store.register("mine", tiny_model)
+    store.register("alias", tiny_model)  # `cp`: two names, one model
+    kv = tmp_path / "home" / "kv" / kv_dir_name(str(ref.path))
+    kv.mkdir(parents=True)
+    (kv / "a.safetensors").write_bytes(b"x")
+    store.delete("mine")
+    assert kv.exists()  # another name still uses these caches
+    store.delete("alias")
+    assert not kv.exists()
