@@ -101,7 +101,7 @@ def repo_id_for(name: object, library: Mapping[str, str] | None = None) -> str:
     base, tag = split_name(name)  # InvalidModelName (400) for hostile or malformed names
     if looks_like_library_name(base):
         key = normalize_name(name)
-        repo = (library or {}).get(key) or (library or {}).get(f"{key}:latest")
+        repo = (library or {}).get(key)
         if repo is None:
             raise PullFailed(not_on_hub_message(str(name)), status=404)
         return repo

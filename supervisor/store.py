@@ -279,7 +279,7 @@ class ModelStore:
         key = normalize_name(name)
         if not looks_like_library_name(key):
             return None
-        return self.library.get(key) or self.library.get(f"{key}:latest")
+        return self.library.get(key)
 
     def manifest(self, ref: ModelRef) -> Manifest:
         """Cached by file identity (path, size, mtime) so listing a large cache stays fast."""
