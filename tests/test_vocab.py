@@ -338,3 +338,59 @@ def test_unknown_flags_are_still_usage_errors(capsys: pytest.CaptureFixture[str]
         cli.main(["run", "m", "--bogus", "hi"])
     assert e.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[FakeStore, FakeScheduler, Any]:
+    store = FakeStore.with_models("corral-test/tiny")
+    sched = FakeScheduler(store, text_script("a"))
+    return store, sched, create_app(fake_context(store, sched, Settings(home=tmp_path / "home")))
+
+
+async def test_created_defaults_reach_the_runner_from_every_family(
+        parts: tuple[FakeStore, FakeScheduler, Any]) -> None:
+    store, sched, app = parts
+    store.create("cowboy:v1", "corral-test/tiny",
+                 ModelDefaults(system="SYS", parameters={"temperature": 0.0, "num_ctx": 512}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://corral") as c:
+        user = [{"role": "user", "content": "hi"}]
+        assert (await c.post("/api/chat", json={"model": "cowboy:v1", "messages": user,
+                                                "stream": False})).status_code == 200
+        assert (await c.post("/v1/chat/completions", json={"model": "cowboy:v1", "messages": user,
+                                                           "temperature": 0.5})).status_code == 200
+        assert (await c.post("/v1/messages", json={"model": "cowboy:v1", "messages": user,
+                                                   "max_tokens": 4})).status_code == 200
+    for body in sched.bodies:
+        assert body["messages"][0] == {"role": "system", "content": "SYS"}
+    assert [b["options"]["temperature"] for b in sched.bodies] == [0.0, 0.5, 0.0]
+    assert [call.num_ctx for call in sched.calls] == [512, 512, 512]
+
+
+async def test_generate_template_and_context(parts: tuple[FakeStore, FakeScheduler, Any]) -> None:
+    _, sched, app = parts
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://corral") as c:
+        ok = await c.post("/api/generate", json={"model": "corral-test/tiny", "prompt": "hi", "stream": False,
+                                                 "template": "{{ messages[0].content }}"})
+        assert ok.status_code == 200
+        assert sched.bodies[-1]["chat_template"] == "{{ messages[0].content }}"
+        go = await c.post("/api/generate", json={"model": "corral-test/tiny", "prompt": "hi",
+                                                 "template": "{{ .Prompt }}"})
+        assert go.status_code == 400 and "Go template" in go.json()["error"]
+        ctx = await c.post("/api/generate", json={"model": "corral-test/tiny", "prompt": "hi", "context": [1, 2]})
+        assert ctx.status_code == 400 and "not supported by corral" in ctx.json()["error"]
+
+
+def test_a_failing_slash_command_keeps_the_session(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from corral.supervisor.cli_client import ServerError
+
+    class Broken:
+        def show(self, model: str) -> dict[str, Any]:
+            raise ServerError(404, f"model '{model}' not found")
+
+    session = cli.Session(Broken(), argparse.Namespace(model="gone", verbose=False, format=None))  # type: ignore[arg-type]
+    assert session.command("/show info") is True
+    assert "Error: model 'gone' not found" in capsys.readouterr().out
+    assert session.command("/show") is True
+    assert "/show modelfile" in capsys.readouterr().out

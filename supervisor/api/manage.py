@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from corral.runner.protocol import OPTION_NAMES, OptionError, options_to_wire, p
 from corral.supervisor import pull as pulling
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.fields import model_field, read_json
+from corral.supervisor.api.ollama import jinja_template
 from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from corral.supervisor.store import ModelDefaults
 from starlette.requests import Request
@@ -87,8 +87,6 @@ REFUSED_CREATE_FIELDS = {
     "renderer": "'renderer' is not supported by corral",
     "parser": "'parser' is not supported by corral",
 }
-# Go template syntax: Ollama's TEMPLATE language, which corral cannot execute.
-_GO_TEMPLATE = re.compile(r"\{\{-?\s*(\.|range\b|if\s+\.|end\b)")
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:
@@ -144,11 +142,7 @@ def create_messages(raw: Any) -> tuple[dict[str, Any], ...]:
 
 
 def create_template(body: dict[str, Any]) -> str | None:
-    template = _text(body, "template")
-    if template and _GO_TEMPLATE.search(template):
-        raise BadRequest("'template' is a Go template (Ollama's TEMPLATE language), which corral cannot "
-                         "run: give a Jinja chat template as in tokenizer_config.json", param="template")
-    return template or None
+    return jinja_template(body)
 
 
 def create_license(body: dict[str, Any]) -> str | None:

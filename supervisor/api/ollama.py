@@ -23,6 +23,7 @@ Decisions of ours:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -61,6 +62,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 FOREVER_RFC3339 = "9999-12-31T23:59:59Z"
+# Go template syntax: Ollama's TEMPLATE language, which corral cannot execute.
+GO_TEMPLATE = re.compile(r"\{\{-?\s*(\.|range\b|if\s+\.|end\b)")
 MAX_NUM_CTX = 10_000_000
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -99,6 +102,15 @@ def options_given(raw: Any) -> frozenset[str]:
     if not isinstance(raw, dict):
         return frozenset()
     return frozenset(k for k, v in raw.items() if v is not None and k in OPTION_NAMES)
+
+
+def jinja_template(body: dict[str, Any]) -> str | None:
+    """/api/generate's `template`: a Jinja chat template used for this request (Go templates: 400)."""
+    template = str_field(body, "template")
+    if template and GO_TEMPLATE.search(template):
+        raise BadRequest("'template' is a Go template (Ollama's TEMPLATE language), which corral cannot "
+                         "run: give a Jinja chat template as in tokenizer_config.json", param="template")
+    return template or None
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -180,12 +192,15 @@ class Generation:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
             self.empty = prompt == ""
+            if body.get("context"):
+                raise BadRequest("'context' (Ollama's deprecated token context) is not supported by "
+                                 "corral: send the conversation as /api/chat messages", param="context")
             if bool_field(body, "raw", False):
                 runner = RunnerRequest(options, prompt=prompt)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns)
+                runner = RunnerRequest(options, messages=turns, template=jinja_template(body))
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx,
                                          options_set=options_given(body.get("options")))
         self.ctx = ctx
