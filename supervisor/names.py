@@ -74,10 +74,9 @@ def display_name(name: object) -> str:
 
 
 def normalize_name(name: object) -> str:
-    """The lookup key of a requested name: `display_name` lower-cased (names are case-insensitive).
-
-    "Qwen/X", "qwen/x:latest" and "library/qwen/x" is not: only Ollama's own
-    "library" namespace is dropped. Raises InvalidModelName as split_name does.
+    """The lookup key of a requested name: `display_name` lower-cased (names are case-insensitive),
+    so "Org/Repo", "org/repo:latest" and "ORG/REPO:LATEST" are one model and "m:v2" another.
+    Raises InvalidModelName as split_name does.
     """
     return display_name(name).lower()
 

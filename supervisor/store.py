@@ -5,8 +5,13 @@ Two sources: the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else
 written by `corral create` and `corral cp`), kept in $CORRAL_HOME/models.json.
 Registered names shadow hub names.
 
+Names follow Ollama's rules (supervisor.names): a hub repo is `org/repo`
+with the tag "latest"; registered names may carry any tag, and keep what
+`/api/create` stored with them (ModelDefaults). A bare Ollama library name
+(`qwen3:0.6b`) resolves to the hub repo its table maps it to (supervisor.library).
+
 A requested name never becomes a file path: it is validated by
-`normalize_name` (supervisor.names, Ollama's naming rules) and then only compared with names found by listing, so no
+`normalize_name` and then only compared with names found by listing, so no
 request can make the store touch a file outside its two roots.
 """
 
