@@ -176,12 +176,14 @@ def options_to_wire(opts: SamplingOptions) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class RunnerRequest:
     """The body of POST /completion: a raw `prompt` or chat `messages` (plus `tools`
-    for the chat template), and wire `options` (options_to_wire's output)."""
+    for the chat template, and `template`, a Jinja chat template replacing the
+    tokenizer's), and wire `options` (options_to_wire's output)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    template: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"options": self.options}
@@ -191,6 +193,8 @@ class RunnerRequest:
             out["messages"] = self.messages
         if self.tools:
             out["tools"] = self.tools
+        if self.template:
+            out["chat_template"] = self.template
         return out
 
 

@@ -223,9 +223,13 @@ class RunnerApp:
             raise BadInput("'messages' must be a non-empty list of objects")
         if tools is not None and not isinstance(tools, list):
             raise BadInput("'tools' must be a list")
+        template = body.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise BadInput("'chat_template' must be a string")
         try:
+            extra = {"chat_template": template} if template else {}
             ids = self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, add_generation_prompt=True)
+                messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # template errors (bad roles, missing keys) are the client's
             raise BadInput(f"chat template failed: {e}") from None
         if isinstance(ids, str):

@@ -301,7 +301,7 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     {"model": "../../etc/passwd", "prompt": "x"},
     {"model": "/etc/passwd", "prompt": "x"},
     {"model": "a\x00b", "prompt": "x"},
-    {"model": TINY + ":v2", "prompt": "x"},
+    {"model": TINY + ":v2:x", "prompt": "x"},  # a tag cannot hold ":" (any single tag is valid)
     {"model": "x" * 5000, "prompt": "x"},
 ])
 async def test_generate_rejects_bad_input(client: httpx.AsyncClient, sched: FakeScheduler,

@@ -1,4 +1,4 @@
-"""The Anthropic-compatible API: POST /v1/messages.
+"""The Anthropic-compatible API: POST /v1/messages and POST /v1/messages/count_tokens.
 
 Request fields, the streaming event sequence and the error object follow
 Anthropic's Messages API so the official `anthropic` client works unchanged.
@@ -17,6 +17,9 @@ Decisions of ours:
   back become tool_use blocks (stop_reason "tool_use"). Images and documents
   are refused with a 400.
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
+- count_tokens renders the request with the model's chat template in its
+  runner (a completion of zero tokens through the one pipeline), so the count
+  is the prompt the model would really read.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from corral.supervisor.api.completion import (
     Collected,
     CompletionRequest,
     Started,
+    collect,
     new_id,
     respond,
     sse,
+    start,
 )
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import anthropic_body, error_response
@@ -47,7 +52,7 @@ from corral.supervisor.api.fields import (
 from corral.supervisor.api.toolcalls import calls_from, tool_call_out
 from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 # ---- errors ----------------------------------------------------------------
@@ -211,7 +216,11 @@ class MessageRequest:
         keep_alive = keep_alive_field(body)
         self.tools = _tools(body)
         runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools)
-        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
+        given = {"num_predict", *(k for k in ("temperature", "top_p", "top_k") if body.get(k) is not None)}
+        if body.get("stop_sequences"):
+            given.add("stop")
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive,
+                                         options_set=frozenset(given))
         self.id = new_id("msg_")
 
     async def respond(self) -> Response:
@@ -321,5 +330,20 @@ async def messages(request: Request) -> Response:
         return render_error(e)
 
 
+async def count_tokens(request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        ctx: AppContext = request.app.state.ctx
+        model = _resolve_model(ctx, model_field(body))
+        # num_predict 0: the runner renders and counts the prompt, then stops before decoding.
+        runner = RunnerRequest(wire_options({"num_predict": 0}, {}), messages=_messages(body),
+                               tools=_tools(body))
+        answer = await collect(await start(ctx, CompletionRequest(model, runner)))
+        return JSONResponse({"input_tokens": answer.done.prompt_eval_count})
+    except CorralError as e:
+        return render_error(e)
+
+
 def routes(ctx: AppContext) -> list[BaseRoute]:
-    return [Route("/v1/messages", messages, methods=["POST"])]
+    return [Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]

@@ -69,6 +69,16 @@ _PARAMS = {
 }
 
 
+def _given(body: dict[str, Any]) -> frozenset[str]:
+    """The options the client set itself (a model's stored parameters fill the rest)."""
+    given = {opt for opt, f in _PARAMS.items() if body.get(f) is not None}
+    if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
+        given.add("num_predict")
+    if body.get("top_k") is not None:
+        given.add("top_k")
+    return frozenset(given)
+
+
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """OpenAI sampling fields as runner options. OpenAI's defaults (temperature 1,
     top_p 1, no top_k or repeat penalty) replace Ollama's where the client says nothing."""
@@ -246,7 +256,8 @@ class Completion:
         options = _sampling(body)
         runner = (RunnerRequest(options, messages=_messages(body), tools=self.tools) if chat
                   else RunnerRequest(options, prompt=_prompt(body)))
-        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive,
+                                         options_set=_given(body))
         self.id = new_id("chatcmpl-" if chat else "cmpl-")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
