@@ -9,7 +9,11 @@ Decisions of ours:
 - Model names are listed with Ollama's ":latest" tag ("org/repo:latest");
   requests may carry it or not.
 - A model kept forever reports expires_at 9999-12-31T23:59:59Z.
-- `format`, `images` and `suffix` are not supported: 400, never silently ignored.
+- `format` ("json" or a JSON schema) is enforced by constrained decoding in
+  the runner: the answer is one JSON value that validates, ending "stop"
+  (or "length" when num_predict comes first). A schema keyword it cannot
+  enforce is a 400 naming it.
+- `images` and `suffix` are not supported: 400, never silently ignored.
 - Tool calls: the runner parses them when the tokenizer knows the model's
   markup (they arrive on its done line); as a fallback, when `tools` are given,
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
@@ -40,6 +44,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import ollama_body
 from corral.supervisor.api.fields import (
     bool_field,
+    format_field,
     keep_alive_field,
     model_field,
     read_json,
@@ -90,9 +95,6 @@ def _sampling(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise BadRequest("'format' (structured output) is not supported by this server", param="format")
     if body.get("images"):
         raise BadRequest("images are not supported: corral serves text-only models", param="images")
     if body.get("suffix"):
@@ -159,21 +161,22 @@ class Generation:
         _refuse_unsupported(body)
         keep_alive = keep_alive_field(body)
         options, num_ctx = _sampling(body)
+        fmt = format_field(body.get("format"))
         self.tools = _tools(body) if chat else None
         if chat:
             messages = _messages(body)
             self.empty = not messages
-            runner = RunnerRequest(options, messages=messages, tools=self.tools)
+            runner = RunnerRequest(options, messages=messages, tools=self.tools, format=fmt)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
             self.empty = prompt == ""
             if bool_field(body, "raw", False):
-                runner = RunnerRequest(options, prompt=prompt)
+                runner = RunnerRequest(options, prompt=prompt, format=fmt)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns)
+                runner = RunnerRequest(options, messages=turns, format=fmt)
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx)
         self.ctx = ctx
 
