@@ -32,9 +32,10 @@ import numpy as np
 
 log = logging.getLogger("runner")
 
-# At most this many whitespace characters between two JSON tokens: enough for
-# pretty-printed JSON, too few for a model to loop on blanks.
-WHITESPACE = r"[\x20\x0A\x0D\x09]{0,20}"
+# Between two JSON tokens: nothing, one space, or one newline and an indent of
+# at most 20 blanks (as Ollama's JSON grammar): room for pretty-printed JSON,
+# none for a model to loop on blanks.
+WHITESPACE = r"(\x20|\x0A[\x20\x09]{0,20})?"
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": True, "whitespace_pattern": WHITESPACE}
 
 ANY_JSON: dict[str, Any] = {}
