@@ -82,10 +82,6 @@ def tool_call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str,
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def _lark_string(text: str) -> str:
-    return json.dumps(text)
-
-
 def grammar_for(fmt: Any, tool_choice: str | None, tools: list[dict[str, Any]] | None,
                 markup: tuple[str, str] = (TOOL_OPEN, TOOL_CLOSE)) -> str | None:
     """The llguidance grammar for a request, or None when it is unconstrained.
@@ -100,11 +96,10 @@ def grammar_for(fmt: Any, tool_choice: str | None, tools: list[dict[str, Any]] |
         if fmt is not None:
             raise GrammarError("'format' cannot be combined with a required tool call")
         schema = tool_call_schema(tools or [], None if tool_choice == "required" else tool_choice)
-        opts = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
-        start, end = markup
-        return LLMatcher.grammar_from_lark(
-            f"start: {_lark_string(start)} {_lark_string(chr(10))} call {_lark_string(chr(10))} "
-            f"{_lark_string(end)}\ncall: %json {opts}\n")
+        call = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+        start, end = (json.dumps(text) for text in markup)  # as Lark string literals
+        # the call on its own line between the delimiters, as the Hermes/Qwen templates write it
+        return LLMatcher.grammar_from_lark(f'start: {start} "\\n" call "\\n" {end}\ncall: %json {call}\n')
     if fmt is None:
         return None
     return LLMatcher.grammar_from_json_schema(json_schema_of(fmt), overrides=JSON_OPTIONS)  # type: ignore[arg-type]

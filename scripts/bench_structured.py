@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runner import PROMPTS, make_model, start_runner  # noqa: E402
+from bench_runner import PROMPTS, make_model, start_runner
 
 
 def _body(prompt: str, n: int, constrained: bool) -> dict[str, Any]:
