@@ -187,3 +187,23 @@ def test_cli_format_value() -> None:
     assert _format_value('{"type": "object"}') == {"type": "object"}
     with pytest.raises(SystemExit):
         _format_value("{nope")
+
+
+async def test_compiles_run_on_the_grammar_thread(tokenizer: Any) -> None:
+    """The generation thread never compiles: matcher() hands the work to the worker thread."""
+    import threading
+
+    seen: list[str] = []
+
+    class Recording(GrammarCache):
+        def compile(self, grammar: str) -> Any:
+            seen.append(threading.current_thread().name)
+            return super().compile(grammar)
+
+    cache = Recording(tokenizer)
+    grammar = grammar_for("json", None, None)
+    assert grammar is not None
+    processor = await cache.processor(grammar)
+    assert seen and all(name.startswith("grammar") for name in seen)
+    assert not processor.done
+    cache.close()
