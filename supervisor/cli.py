@@ -8,6 +8,7 @@ non-zero exit status (see EXIT_CODES), so scripts can rely on them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -293,11 +294,21 @@ def _request_extras(args: argparse.Namespace, options: dict[str, Any]) -> dict[s
     if args.keepalive is not None:
         extra["keep_alive"] = args.keepalive
     if args.format:
-        extra["format"] = args.format
+        extra["format"] = _format_value(args.format)
     # Thinking (--think / --hidethinking, /set think) adds its request fields here.
     if options:
         extra["options"] = options
     return extra
+
+
+def _format_value(text: str) -> Any:
+    """--format: "json", or a JSON schema given inline (a value starting with "{")."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--format: not a JSON schema: {e}") from None
+    return text
 
 
 def _seconds(ns: Any) -> str:
@@ -584,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive", metavar="DURATION",
                      help="how long the model stays loaded after the answer (5m, 1h, 0, -1)")
     run.add_argument("--nowordwrap", action="store_true", help="accepted for ollama compatibility")
-    run.add_argument("--format", metavar="FORMAT", help="response format, e.g. json")
+    run.add_argument("--format", metavar="FORMAT", help="structured output: json, or a JSON schema inline")
     # Thinking adds --think and --hidethinking here.
 
     pull = _add(sub, "pull", cmd_pull, "download an MLX model from the Hugging Face Hub")

@@ -16,6 +16,9 @@ Decisions of ours:
   template in the OpenAI-style shape HF templates expect; tool calls that come
   back become tool_use blocks (stop_reason "tool_use"). Images and documents
   are refused with a 400.
+- `tool_choice` {type: auto | any | tool | none}: "any" and "tool" force one
+  call by constrained decoding (arguments valid against its input_schema);
+  "none" hides the tools.
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
 - count_tokens renders the request with the model's chat template in its
   runner (a completion of zero tokens through the one pipeline), so the count
@@ -44,6 +47,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import anthropic_body, error_response
 from corral.supervisor.api.fields import (
     bool_field,
+    forced_tool,
     keep_alive_field,
     model_field,
     read_json,
@@ -163,6 +167,22 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}} for t in tools]
 
 
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> str | None:
+    """The runner's tool_choice: None (the model chooses), "required" (any) or a tool's name."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "none"):
+        return None
+    if kind == "any":
+        return forced_tool(tools, None, "tool_choice")
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return forced_tool(tools, choice["name"], "tool_choice")
+    raise BadRequest("tool_choice: must be {type: auto | any | none} or {type: tool, name}",
+                     param="tool_choice")
+
+
 def _max_tokens(body: dict[str, Any]) -> int:
     value = body.get("max_tokens")
     if value is None:
@@ -215,7 +235,9 @@ class MessageRequest:
         self.stream = bool_field(body, "stream")
         keep_alive = keep_alive_field(body)
         self.tools = _tools(body)
-        runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools)
+        choice = _tool_choice(body, self.tools)
+        runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools,
+                               tool_choice=choice)
         given = {"num_predict", *(k for k in ("temperature", "top_p", "top_k") if body.get(k) is not None)}
         if body.get("stop_sequences"):
             given.add("stop")

@@ -13,7 +13,11 @@ Decisions of ours:
   messages, license) is applied by the completion pipeline and reported by
   /api/show; `capabilities` are decided in one function (capabilities()).
 - A model kept forever reports expires_at 9999-12-31T23:59:59Z.
-- `format`, `images` and `suffix` are not supported: 400, never silently ignored.
+- `format` ("json" or a JSON schema) is enforced by constrained decoding in
+  the runner: the answer is one JSON value that validates, ending "stop"
+  (or "length" when num_predict comes first). A schema keyword it cannot
+  enforce is a 400 naming it.
+- `images` and `suffix` are not supported: 400, never silently ignored.
 - Tool calls: the runner parses them when the tokenizer knows the model's
   markup (they arrive on its done line); as a fallback, when `tools` are given,
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
@@ -47,6 +51,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import ollama_body
 from corral.supervisor.api.fields import (
     bool_field,
+    format_field,
     keep_alive_field,
     model_field,
     read_json,
@@ -115,9 +120,6 @@ def jinja_template(body: dict[str, Any]) -> str | None:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise BadRequest("'format' (structured output) is not supported by this server", param="format")
     if body.get("images"):
         raise BadRequest("images are not supported: corral serves text-only models", param="images")
     if body.get("suffix"):
@@ -184,11 +186,12 @@ class Generation:
         _refuse_unsupported(body)
         keep_alive = keep_alive_field(body)
         options, num_ctx = _sampling(body)
+        fmt = format_field(body.get("format"))
         self.tools = _tools(body) if chat else None
         if chat:
             messages = _messages(body)
             self.empty = not messages
-            runner = RunnerRequest(options, messages=messages, tools=self.tools)
+            runner = RunnerRequest(options, messages=messages, tools=self.tools, format=fmt)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
@@ -197,11 +200,11 @@ class Generation:
                 raise BadRequest("'context' (Ollama's deprecated token context) is not supported by "
                                  "corral: send the conversation as /api/chat messages", param="context")
             if bool_field(body, "raw", False):
-                runner = RunnerRequest(options, prompt=prompt)
+                runner = RunnerRequest(options, prompt=prompt, format=fmt)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns, template=jinja_template(body))
+                runner = RunnerRequest(options, messages=turns, template=jinja_template(body), format=fmt)
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx,
                                          options_set=options_given(body.get("options")))
         self.ctx = ctx
