@@ -195,3 +195,25 @@ def test_sigterm_write_is_bounded(runner: RunnerProcess) -> None:
     t0 = time.monotonic()
     runner.stop()
     assert time.monotonic() - t0 < STOP_GRACE
+
+
+def test_estimate_covers_peak_with_a_full_cache(tiny_model: Path, tmp_path: Path) -> None:
+    from corral.supervisor.manifest import read_manifest
+    from corral.supervisor.memory import estimate_need
+
+    budget = "3MiB"
+    r = RunnerProcess(tiny_model, tmp_path, "--num-ctx", str(NUM_CTX), "--num-parallel", "4",
+                      env={"CORRAL_PROMPT_CACHE": budget}).start()
+    try:
+        prompts = [f"Story number {i}: " + "once upon a time, " * 6 for i in range(24)]
+        with cf.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: stream(r.url, {"prompt": p, "options": {"temperature": 0, "num_predict": 120}}),
+                          prompts))
+        status = httpx.get(r.url + "/status", timeout=5).json()
+    finally:
+        r.stop()
+    cache = status["prompt_cache"]
+    assert cache["budget"] == 3 << 20
+    assert 0.6 * cache["budget"] < cache["bytes"] <= cache["budget"]  # full, and within its budget
+    need = estimate_need(read_manifest(tiny_model), NUM_CTX, 4, prompt_cache=budget)
+    assert status["memory"]["peak_rss"] <= need.total
