@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
@@ -26,7 +27,7 @@ from mlx_lm.generate import BatchGenerator
 log = logging.getLogger("runner")
 
 # What the generation thread sends to a sequence's output queue.
-Event = tuple[str, Any]  # ("text", str) | ("done", dict) | ("error", str)
+Event = tuple[str, Any]  # ("text", str) | ("logprob", dict) | ("done", dict) | ("error", str)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Sequence:
     finished: bool = False
     detok: Any = None
     stops: StopMatcher | None = None
+    top_logprobs: int | None = None  # report log-probabilities with this many alternatives; None: not asked
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
@@ -163,7 +165,28 @@ class Engine:
                 continue
             if not seq.first_token:
                 seq.first_token = now
+            if seq.top_logprobs is not None and r.token not in self._eos:
+                # before the token's text: the HTTP side attaches it to the next text it sends
+                seq.emit("logprob", self._logprob(r.token, r.logprobs, seq.top_logprobs))
             self._on_token(gen, seq, r.token, r.finish_reason)
+
+    def _logprob(self, token: int, logprobs: Any, top: int) -> dict[str, Any]:
+        """The token's log-probability (normalized over the vocabulary, before sampling
+        filters) and its `top` most likely alternatives, in Ollama's and OpenAI's shape."""
+        entry = self._token_entry(token, float(logprobs[token].item()))
+        alternatives: list[dict[str, Any]] = []
+        if top:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            values: list[float] = logprobs[ids].tolist()  # type: ignore[assignment]
+            tokens: list[int] = ids.tolist()  # type: ignore[assignment]
+            pairs = sorted(zip(tokens, values, strict=True), key=lambda p: -p[1])
+            alternatives = [self._token_entry(i, v) for i, v in pairs]
+        entry["top_logprobs"] = alternatives
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def _on_token(self, gen: BatchGenerator, seq: Sequence, token: int, finish: str | None) -> None:
         assert seq.stops is not None

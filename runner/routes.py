@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,16 @@ from corral.runner.protocol import (
     ROUTE_TOKENIZE,
     BodyError,
     OptionError,
+    check_top_logprobs,
     chunk_line,
     done_line,
     error_line,
     json_object,
     parse_options,
+    parse_think,
 )
+from corral.runner.thinking import OPEN as THINK_OPEN
+from corral.runner.thinking import ThinkingSplitter, template_thinks
 from corral.runner.tools import ToolCallSplitter
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,6 +52,24 @@ log = logging.getLogger("runner")
 
 class BadInput(Exception):
     """A request the runner refuses before streaming (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """A completion body's fields beyond the prompt and the sampling options."""
+
+    think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    truncate: bool = True
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> _Wanted:
+        logprobs, truncate = body.get("logprobs", False), body.get("truncate", True)
+        if not isinstance(logprobs, bool) or not isinstance(truncate, bool):
+            raise BadInput("'logprobs' and 'truncate' must be true or false")
+        return cls(parse_think(body.get("think")), logprobs, check_top_logprobs(body.get("top_logprobs")),
+                   truncate)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -163,28 +186,42 @@ class RunnerApp:
         try:
             body = await _json_object(request)
             options = parse_options(body.get("options"))
-            prompt, tools = self._prompt_tokens(body)
+            want = _Wanted.of(body)
+            prompt, tools, opened = self._prompt_tokens(body, want, options.num_predict)
         except (BadInput, OptionError) as e:
             return error(400, str(e))
         room = self.engine.num_ctx - len(prompt)
         if room <= 0:
             return error(400, f"prompt is {len(prompt)} tokens but the context window "
-                              f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}")
+                              f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}"
+                              + ("" if want.truncate else " (truncate is false)"))
         max_tokens = room if options.num_predict < 0 else min(options.num_predict, room)
         if max_tokens == 0:
             return StreamingResponse(iter([_line(done_line(
                 "length", prompt_eval_count=len(prompt), prompt_eval_duration=0,
                 eval_count=0, eval_duration=0))]), media_type=NDJSON)
         seq = Sequence(prompt=prompt, options=options, max_tokens=max_tokens,
-                       loop=asyncio.get_running_loop())
+                       loop=asyncio.get_running_loop(),
+                       top_logprobs=want.top_logprobs if want.logprobs else None)
         log.info("request start: prompt_tokens=%d max_tokens=%d", len(prompt), max_tokens)
         self.engine.submit(seq)
         splitter = ToolCallSplitter(self.tokenizer, tools) if tools else None
-        return StreamingResponse(self._stream(seq, splitter), media_type=NDJSON)
+        thinking = ThinkingSplitter(opened=opened) if want.think else None
+        return StreamingResponse(self._stream(seq, splitter, thinking), media_type=NDJSON)
 
     # -- helpers ------------------------------------------------------------
 
-    def _prompt_tokens(self, body: dict[str, Any]) -> tuple[list[int], list[Any] | None]:
+    @property
+    def template(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else ""
+
+    def _prompt_tokens(self, body: dict[str, Any], want: _Wanted,
+                       num_predict: int) -> tuple[list[int], list[Any] | None, bool]:
+        """The prompt's tokens (truncated to fit when allowed), the tools, and whether
+        the prompt already opened a reasoning block."""
+        if want.think and not template_thinks(self.template):
+            raise BadInput(f"{json.dumps(self.model_name)} does not support thinking")
         prompt = body.get("prompt")
         messages = body.get("messages")
         tools = body.get("tools")
@@ -196,34 +233,111 @@ class RunnerApp:
             tok = self.tokenizer
             # Exactly as mlx_lm.stream_generate tokenizes a string prompt.
             add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
-            return list(tok.encode(prompt, add_special_tokens=add_special)), None
+            ids = list(tok.encode(prompt, add_special_tokens=add_special))
+            return self._fit_tokens(ids, want.truncate, num_predict), None, self._opens_thinking(ids)
         if messages is None:
             raise BadInput("request needs 'prompt' or 'messages'")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise BadInput("'messages' must be a non-empty list of objects")
         if tools is not None and not isinstance(tools, list):
             raise BadInput("'tools' must be a list")
+        ids = self._render(messages, tools, want.think)
+        if len(ids) >= self.engine.num_ctx and want.truncate:
+            ids = self._fit_messages(messages, tools, want.think, self._budget(num_predict))
+        return ids, tools or None, self._opens_thinking(ids) if want.think else False
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None,
+                think: bool | str | None) -> list[int]:
+        # The template's thinking switch: Qwen3's enable_thinking, and the effort
+        # level for templates that read one; templates without them ignore both.
+        extra: dict[str, Any] = {}
+        if think is not None:
+            extra["enable_thinking"] = bool(think)
+            if isinstance(think, str):
+                extra["reasoning_effort"] = think
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, add_generation_prompt=True)
+                messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # template errors (bad roles, missing keys) are the client's
             raise BadInput(f"chat template failed: {e}") from None
         if isinstance(ids, str):
             ids = self.tokenizer.encode(ids, add_special_tokens=False)
         if not ids:
             raise BadInput("the rendered prompt is empty")
-        return list(ids), tools or None
+        return list(ids)
 
-    async def _stream(self, seq: Sequence, splitter: ToolCallSplitter | None) -> AsyncIterator[bytes]:
+    def _budget(self, num_predict: int) -> int:
+        """How many prompt tokens a truncated prompt may keep: room is left to answer
+        (num_predict, else a quarter of the window; never more than half of it)."""
+        ctx = self.engine.num_ctx
+        answer = num_predict if num_predict > 0 else ctx // 4
+        return max(1, ctx - max(1, min(answer, ctx // 2)))
+
+    def _fit_messages(self, messages: list[dict[str, Any]], tools: list[Any] | None,
+                      think: bool | str | None, budget: int) -> list[int]:
+        """As Ollama does: keep every system message and drop the oldest others until the
+        prompt fits; the last message is always kept, and alone too long is a 400."""
+        others = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+        ids: list[int] = []
+        for start in range(1, len(others)):
+            dropped = set(others[:start])
+            try:
+                ids = self._render([m for i, m in enumerate(messages) if i not in dropped], tools, think)
+            except BadInput:
+                continue  # e.g. a template that refuses a conversation opening with a tool answer
+            if len(ids) <= budget:
+                log.info("prompt truncated: dropped the %d oldest messages", start)
+                return ids
+        if ids and len(ids) < self.engine.num_ctx:
+            return ids  # only the system messages and the last one left: it fits, barely
+        raise BadInput(
+            f"the last message does not fit: with the system messages it is "
+            f"{len(ids) or len(self._render(messages, tools, think))} tokens but the context window "
+            f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}")
+
+    def _fit_tokens(self, ids: list[int], truncate: bool, num_predict: int) -> list[int]:
+        """A raw prompt that overflows keeps its newest tokens (and its BOS), as Ollama's runner does."""
+        if len(ids) < self.engine.num_ctx or not truncate:
+            return ids
+        budget = self._budget(num_predict)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        log.info("prompt truncated: kept the last %d of %d tokens", budget - len(head), len(ids))
+        return head + ids[len(ids) - (budget - len(head)):]
+
+    def _opens_thinking(self, ids: list[int]) -> bool:
+        return self.tokenizer.decode(ids[-16:]).rstrip().endswith(THINK_OPEN)
+
+    async def _stream(self, seq: Sequence, splitter: ToolCallSplitter | None,
+                      thinking: ThinkingSplitter | None) -> AsyncIterator[bytes]:
         self.streams += 1
         done = False
+        pending: list[dict[str, Any]] = []  # log-probabilities of tokens whose text is not out yet
+
+        def text_line(text: str, final: bool = False) -> bytes | None:
+            reasoning = ""
+            if thinking is not None:
+                reasoning, text = thinking.feed(text)
+                if final:
+                    more_reasoning, more_text = thinking.flush()
+                    reasoning, text = reasoning + more_reasoning, text + more_text
+            if splitter is not None and text:
+                text = splitter.feed(text)
+            if not (text or reasoning or (final and pending)):
+                return None
+            line = _line(chunk_line(text, reasoning, pending[:]))
+            pending.clear()
+            return line
+
         try:
             while True:
                 kind, value = await seq.out.get()
-                if kind == "text":
-                    text = splitter.feed(value) if splitter else value
-                    if text:
-                        yield _line(chunk_line(text))
+                if kind == "logprob":
+                    pending.append(value)
+                elif kind == "text":
+                    out = text_line(value)
+                    if out:
+                        yield out
                 elif kind == "error":
                     done = True
                     yield _line(error_line(value))
@@ -232,6 +346,9 @@ class RunnerApp:
                     done = True
                     fields = dict(value)
                     line = done_line(fields.pop("done_reason"), **fields)
+                    out = text_line("", final=True)
+                    if out:
+                        yield out
                     if splitter:
                         rest, calls = splitter.finish()
                         if rest:

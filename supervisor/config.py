@@ -41,7 +41,7 @@ class Settings:
     pinned: list[str] = field(default_factory=list)
     num_parallel: int = 4
     max_queue: int = 512
-    context_length: int = 4096
+    context_length: int = 0  # num_ctx when a request names none; 0: default_context_length(memory)
     memory_limit: int | None = None  # bytes; None: total physical memory
     memory_limit_raw: str | None = None  # as given ("80%", "24GB"), for display
     load_timeout: float = 300.0
@@ -67,6 +67,20 @@ _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _COMPOUND_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _COMPOUND_FULL_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+
+
+GIB = 1 << 30
+
+
+def default_context_length(memory_bytes: int) -> int:
+    """The context length when none is configured, by Ollama's tiers of the memory the
+    models may use: under 24 GiB 4k, under 48 GiB 32k, else 256k (each load caps it at
+    the model's maximum)."""
+    if memory_bytes < 24 * GIB:
+        return 4096
+    if memory_bytes < 48 * GIB:
+        return 32768
+    return 262144
 
 
 def parse_keep_alive(value: Any) -> float:
@@ -186,7 +200,7 @@ def _convert(name: str, value: Any, total_memory: int) -> dict[str, Any]:
             number = int(value)
         except (TypeError, ValueError):
             raise BadRequest(f"{name} must be an integer, got {value!r}") from None
-        if number < 0 or (name in ("num_parallel", "context_length") and number < 1):
+        if number < 0 or (name == "num_parallel" and number < 1):
             raise BadRequest(f"{name} out of range: {number}")
         return {name: number}
     if name == "single_model":

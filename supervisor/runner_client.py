@@ -16,6 +16,7 @@ from corral.runner.protocol import (
     Chunk,
     Done,
     RunnerRequest,
+    chunk_from_line,
     done_from_line,
 )
 from corral.supervisor.errors import BadRequest, RunnerFailed
@@ -55,7 +56,7 @@ def event_from_line(line: Any) -> StreamEvent:
         return done_from_line(line)
     if "error" in line:
         raise RunnerFailed(str(line["error"]))
-    return Chunk(str(line.get("content") or ""))
+    return chunk_from_line(line)
 
 
 class RunnerClient:

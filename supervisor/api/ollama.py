@@ -32,8 +32,10 @@ from corral.runner.protocol import (
     Done,
     OptionError,
     RunnerRequest,
+    check_top_logprobs,
     options_to_wire,
     parse_options,
+    parse_think,
 )
 from corral.supervisor.api.completion import Collected, CompletionRequest, Started, acquire, respond
 from corral.supervisor.api.context import AppContext
@@ -145,6 +147,18 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+def _extras(body: dict[str, Any]) -> dict[str, Any]:
+    """`think`, `logprobs`, `top_logprobs` and `truncate` as RunnerRequest fields."""
+    try:
+        think = parse_think(body.get("think"))
+        top = check_top_logprobs(body.get("top_logprobs"))
+    except OptionError as e:
+        param = "think" if "'think'" in str(e) else "top_logprobs"
+        raise BadRequest(str(e), param=param) from None
+    return {"think": think, "logprobs": bool_field(body, "logprobs") or top > 0, "top_logprobs": top,
+            "truncate": bool_field(body, "truncate", True)}
+
+
 # ---- generation ----------------------------------------------------------
 
 
@@ -160,41 +174,51 @@ class Generation:
         keep_alive = keep_alive_field(body)
         options, num_ctx = _sampling(body)
         self.tools = _tools(body) if chat else None
+        extras = _extras(body)
+        self.logprobs = bool(extras["logprobs"])
         if chat:
             messages = _messages(body)
             self.empty = not messages
-            runner = RunnerRequest(options, messages=messages, tools=self.tools)
+            runner = RunnerRequest(options, messages=messages, tools=self.tools, **extras)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
             self.empty = prompt == ""
             if bool_field(body, "raw", False):
-                runner = RunnerRequest(options, prompt=prompt)
+                runner = RunnerRequest(options, prompt=prompt, **extras)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns)
+                runner = RunnerRequest(options, messages=turns, **extras)
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx)
         self.ctx = ctx
 
     def line(self, content: str, *, done: bool, calls: list[dict[str, Any]] | None = None,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra: dict[str, Any] | None = None, thinking: str = "",
+             logprobs: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": rfc3339()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
             if calls:
                 message["tool_calls"] = calls
             out["message"] = message
         else:
             out["response"] = content
+            if thinking:
+                out["thinking"] = thinking
         out["done"] = done
+        if self.logprobs and (logprobs or not done):
+            out["logprobs"] = list(logprobs)
         if extra:
             out.update(extra)
         return out
 
     def final(self, done: Done, load_duration: float, content: str = "",
-              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return self.line(content, done=True, calls=calls, extra={
+              calls: list[dict[str, Any]] | None = None, thinking: str = "",
+              logprobs: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        return self.line(content, done=True, calls=calls, thinking=thinking, logprobs=logprobs, extra={
             "done_reason": done.done_reason,
             "total_duration": _ns(time.monotonic() - self.started),
             "load_duration": _ns(load_duration),
@@ -237,8 +261,9 @@ class Generation:
             text, calls = event.content, list[dict[str, Any]]()
             if tools is not None:
                 text, calls = tools.feed(text)
-            if text or calls:
-                yield _dump(self.line(text, done=False, calls=calls))
+            if text or calls or event.thinking or event.logprobs:
+                yield _dump(self.line(text, done=False, calls=calls, thinking=event.thinking,
+                                      logprobs=event.logprobs))
 
     def _collected(self, answer: Collected) -> dict[str, Any]:
         text, calls = answer.text, list[dict[str, Any]]()
@@ -247,7 +272,7 @@ class Generation:
             text, calls = f.feed(text)
             text += f.flush()
         calls += runner_calls(answer.done)
-        return self.final(answer.done, answer.load_duration, text, calls)
+        return self.final(answer.done, answer.load_duration, text, calls, answer.thinking, answer.logprobs)
 
 
 def _stream_error(exc: CorralError) -> bytes:
