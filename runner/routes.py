@@ -1,8 +1,15 @@
 """The runner's HTTP side: starlette routes over the generation Engine.
 
-Routes and stream shapes follow shared/DESIGN.md ("The runner protocol").
+Routes and stream shapes follow runner/protocol.py (the runner protocol).
 Handlers never touch MLX; tokenization is pure tokenizer work and is safe
 outside the generation thread.
+
+The prompt is rendered here, so this is where it is fitted to num_ctx: an
+overflowing chat keeps its system messages and drops the oldest others (Ollama's
+rule; the last message alone too long is a 400), a raw prompt keeps its newest
+tokens, and room is left to answer. With `think`, the chat template's thinking
+switch is set and the reasoning is split off (runner.thinking) before any family
+sees the text; with `logprobs`, each text line carries its tokens' entries.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Decisions of ours:
   back become tool_use blocks (stop_reason "tool_use"). Images and documents
   are refused with a 400.
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
+- `thinking: {type: enabled, budget_tokens}` turns a thinking model's reasoning on:
+  it comes back as a `thinking` content block (signature "") before the text,
+  streamed with thinking_delta events. budget_tokens is checked, not enforced.
 """
 
 from __future__ import annotations

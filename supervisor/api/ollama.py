@@ -10,6 +10,14 @@ Decisions of ours:
   requests may carry it or not.
 - A model kept forever reports expires_at 9999-12-31T23:59:59Z.
 - `format`, `images` and `suffix` are not supported: 400, never silently ignored.
+- `think` (true/false/"low"/"medium"/"high") switches the chat template's thinking;
+  the runner splits the reasoning off into `thinking` (message.thinking on chat),
+  streamed as it comes. A truthy `think` on a model whose template cannot think is
+  a 400 ("... does not support thinking"), as on Ollama.
+- `logprobs` / `top_logprobs` (at most 20) add Ollama's `logprobs` list to each line.
+- A prompt over num_ctx is truncated by the runner (system messages kept, oldest
+  others dropped); `truncate: false` makes it a 400 instead. An `options.num_ctx`
+  other than the loaded model's reloads it once idle (the scheduler's needsReload).
 - Tool calls: the runner parses them when the tokenizer knows the model's
   markup (they arrive on its done line); as a fallback, when `tools` are given,
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen

@@ -11,6 +11,10 @@ official `openai` client works unchanged. Decisions of ours:
 - `n` other than 1 and `response_format` json_object/json_schema are refused
   with a 400 rather than silently ignored.
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
+- `reasoning_effort` switches a thinking model's reasoning on ("none": off); it comes
+  back as message.reasoning_content / delta.reasoning_content.
+- Chat `logprobs` + `top_logprobs` and the legacy completions' `logprobs: N` (0-5)
+  come from the runner's real log-probabilities, in OpenAI's shapes.
 - Tool calls come from the runner's done line (`tool_calls`) or from
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
   convention, parsed as on the Ollama routes) when `tools` were given.
