@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from corral.runner.logprobs import TokenText
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
@@ -64,6 +65,7 @@ class Engine:
         self._active: dict[int, Sequence] = {}
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
+        self._token_text = TokenText(tokenizer)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self.active_count = 0
         self.queued_count = 0
@@ -173,20 +175,16 @@ class Engine:
     def _logprob(self, token: int, logprobs: Any, top: int) -> dict[str, Any]:
         """The token's log-probability (normalized over the vocabulary, before sampling
         filters) and its `top` most likely alternatives, in Ollama's and OpenAI's shape."""
-        entry = self._token_entry(token, float(logprobs[token].item()))
+        entry = self._token_text.entry(token, float(logprobs[token].item()))
         alternatives: list[dict[str, Any]] = []
         if top:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
             values: list[float] = logprobs[ids].tolist()  # type: ignore[assignment]
             tokens: list[int] = ids.tolist()  # type: ignore[assignment]
             pairs = sorted(zip(tokens, values, strict=True), key=lambda p: -p[1])
-            alternatives = [self._token_entry(i, v) for i, v in pairs]
+            alternatives = [self._token_text.entry(i, v) for i, v in pairs]
         entry["top_logprobs"] = alternatives
         return entry
-
-    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def _on_token(self, gen: BatchGenerator, seq: Sequence, token: int, finish: str | None) -> None:
         assert seq.stops is not None
