@@ -116,3 +116,17 @@ def test_openai_and_anthropic_truncate_too(server: ServerProcess, client: ollama
     assert msg.content[0].text == reference.message.content  # type: ignore[union-attr]
     completion = oai.completions.create(model=TINY, prompt=LONG * 12, temperature=0, max_tokens=8)
     assert completion.usage is not None and completion.usage.prompt_tokens < CTX
+
+
+def test_another_num_ctx_reloads_the_model(server: ServerProcess, client: ollama.Client) -> None:
+    """Ollama's needsReload: options.num_ctx other than the loaded one's reloads it once idle."""
+    client.generate(model=TINY, prompt="hi", options={**GREEDY, "num_ctx": 128})
+    (row,) = [m for m in client.ps().models if m.model and TINY in m.model]
+    assert row.context_length == 128
+    long = client.generate(model=TINY, prompt=LONG * 4, options={**GREEDY, "num_ctx": 512})
+    assert long.prompt_eval_count is not None and long.prompt_eval_count > 128  # not truncated to the old 128
+    (row,) = [m for m in client.ps().models if m.model and TINY in m.model]
+    assert row.context_length == 512
+    client.generate(model=TINY, prompt="hi", options=GREEDY)  # no num_ctx: whatever is loaded
+    (row,) = [m for m in client.ps().models if m.model and TINY in m.model]
+    assert row.context_length == 512
