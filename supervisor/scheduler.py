@@ -903,8 +903,10 @@ class Scheduler:
         entry.phase = _Phase.GONE
         del self._table[entry.key]
 
-    def _take_tickets(self, key: str) -> list[_Ticket]:
-        taken = [t for t in self._queue if t.key == key]
+    def _take_tickets(self, key: str, ctx: int | None = None, manifest: Manifest | None = None) -> list[_Ticket]:
+        """The queued tickets for `key`; with `ctx`, only those that take that context."""
+        taken = [t for t in self._queue if t.key == key and (
+            ctx is None or manifest is None or t.num_ctx is None or self._shape(manifest, t.num_ctx)[0] == ctx)]
         for t in taken:
             self._queue.remove(t)
         return [t for t in taken if not t.future.done()]
@@ -938,12 +940,12 @@ class Scheduler:
             if self._needs_reload(entry, head) and entry.phase is not _Phase.STOPPING:
                 return self._reload(entry)
             if entry.phase is _Phase.LOADED and entry.process.state is RunnerState.READY:
-                for t in self._take_tickets(head.key):
+                for t in self._take_tickets(head.key, entry.context_length, entry.manifest):
                     self._grant(entry)
                     t.future.set_result((entry, True))
                 return True
             if entry.phase is _Phase.LOADING:
-                entry.waiters.extend(self._take_tickets(head.key))
+                entry.waiters.extend(self._take_tickets(head.key, entry.context_length, entry.manifest))
                 return True
             return False  # stopping, or dead and not yet dropped: loaded again after its event
         if head.manifest is None:
@@ -1008,7 +1010,7 @@ class Scheduler:
             return
         entry = _Entry(key=head.key, ref=ref, manifest=manifest, process=process, estimate=need,
                        context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock())
-        entry.waiters = self._take_tickets(head.key)
+        entry.waiters = self._take_tickets(head.key, num_ctx, manifest)
         self._table[head.key] = entry
         self.loads += 1
         log.info("loading %s (ctx %d, parallel %d, need %d bytes)", ref.name, num_ctx, num_parallel, need)

@@ -662,3 +662,41 @@ async def test_default_context_follows_memory_tiers(make: Callable[..., Any]) ->
     assert big.sched._shape(m, None)[0] == 262144
     configured = await make({"a": GB}, memory_limit=64 * GIB, context_length=1000)
     assert configured.sched._shape(m, None)[0] == 1000
+
+
+async def test_queued_requests_for_two_contexts_each_get_their_own(make: Callable[..., Any]) -> None:
+    """FIFO holds: a request with no num_ctx queued behind a reload waits for it and shares it;
+    a loading runner is never handed to a request that asked for another context."""
+    gate = asyncio.Event()
+    w = await make({"a": GB}, {"a": Behaviour(gate=gate)})
+    small = asyncio.create_task(w.acquire("a", num_ctx=512))
+    await until(lambda: len(w.starts()) == 1)
+    big = asyncio.create_task(w.acquire("a", num_ctx=1024))
+    plain = asyncio.create_task(w.acquire("a"))
+    await settle()
+    gate.set()
+    first = await small
+    await settle()
+    assert first.context_length == 512 and not big.done() and not plain.done()
+    await first.release()
+    second, third = await big, await plain
+    assert second.context_length == third.context_length == 1024 and second.pid == third.pid
+    assert [r.spec.num_ctx for r in w.runners] == [512, 1024]
+    await second.release()
+    await third.release()
+
+
+async def test_a_load_takes_only_the_requests_for_its_context(make: Callable[..., Any]) -> None:
+    w = await make({"a": GB})
+    first = await w.acquire("a", num_ctx=512)
+    big = asyncio.create_task(w.acquire("a", num_ctx=1024))
+    small = asyncio.create_task(w.acquire("a", num_ctx=512))
+    await settle()
+    await first.release()
+    second = await big
+    await settle()
+    assert second.context_length == 1024 and not small.done()  # not handed the 1024 runner
+    await second.release()
+    third = await small
+    assert third.context_length == 512 and [r.spec.num_ctx for r in w.runners] == [512, 1024, 512]
+    await third.release()
