@@ -134,6 +134,10 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise BadRequest("images are not supported: corral serves text-only models", param="images")
     if body.get("suffix"):
         raise BadRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
+    if body.get("shift") is True:
+        # corral never slides the window mid-answer: generation ends with "length" at num_ctx.
+        raise BadRequest("'shift' (sliding the context window while generating) is not supported; "
+                         "generation stops at num_ctx with done_reason 'length'", param="shift")
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
