@@ -101,6 +101,7 @@ class RunnerApp:
         self.token = token
         self.draining = False
         self.streams = 0
+        self._max_token_bytes: int | None = None
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
         self.app = Starlette(
@@ -183,6 +184,7 @@ class RunnerApp:
         try:
             body = await _json_object(request)
             options = parse_options(body.get("options"))
+            self._check_prompt_bytes(body)
             prompt, tools = self._prompt_tokens(body)
         except (BadInput, OptionError) as e:
             return error(400, str(e))
@@ -203,6 +205,25 @@ class RunnerApp:
         return StreamingResponse(self._stream(seq, splitter), media_type=NDJSON)
 
     # -- helpers ------------------------------------------------------------
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one vocabulary entry spells (an upper bound per token)."""
+        if self._max_token_bytes is None:
+            longest = max((len(t.encode("utf-8", "replace")) for t in self.tokenizer.get_vocab()), default=0)
+            self._max_token_bytes = max(longest, MIN_TOKEN_BYTES)
+        return self._max_token_bytes
+
+    def _check_prompt_bytes(self, body: dict[str, Any]) -> None:
+        """Refuse a prompt that cannot fit num_ctx by its size alone, before tokenizing it
+        (a 15 MiB prompt takes tens of seconds to tokenize only to be refused): no token
+        spells more than max_token_bytes, so a fitting prompt has at most
+        num_ctx * max_token_bytes bytes of text."""
+        limit = self.engine.num_ctx * self.max_token_bytes
+        size = _text_bytes(body.get("prompt"), limit) + _text_bytes(body.get("messages"), limit)
+        if size > limit:
+            raise BadInput(f"prompt is over {limit} bytes, more than the context window "
+                           f"(num_ctx {self.engine.num_ctx}) can hold")
 
     def _prompt_tokens(self, body: dict[str, Any]) -> tuple[list[int], list[Any] | None]:
         prompt = body.get("prompt")
@@ -284,6 +305,23 @@ class RunnerApp:
     def cancel_all(self) -> None:
         self.draining = True
         self.engine.cancel_all()
+
+
+MIN_TOKEN_BYTES = 16
+"""Floor of the per-token byte bound (byte-fallback tokens spell one byte as `<0x41>`)."""
+
+
+def _text_bytes(value: Any, stop_at: int) -> int:
+    """UTF-8 bytes of the strings in `value` (nested lists/objects); stops counting past `stop_at`."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    total = 0
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        total += _text_bytes(item, stop_at - total)
+        if total > stop_at:
+            break
+    return total
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

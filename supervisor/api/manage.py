@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger("corral")
 NDJSON = "application/x-ndjson"
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux; longer cannot name a directory
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -74,10 +75,17 @@ async def create(request: Request) -> Response:
             raise BadRequest("only {\"model\": NAME, \"from\": DIRECTORY} is supported: "
                              "Modelfiles and blob uploads are not", param="from")
         raise BadRequest("missing 'from': the directory of an MLX model to register", param="from")
+    if len(source) > MAX_PATH_CHARS or "\x00" in source:
+        raise BadRequest(f"'from' must be a directory path of at most {MAX_PATH_CHARS} characters",
+                         param="from")
     path = Path(source).expanduser()
     if not path.is_absolute():
         raise BadRequest(f"'from' must be an absolute directory path, got '{source}'", param="from")
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # too long a component, unreadable parent
+        is_dir = False
+    if not is_dir:
         raise BadRequest(f"'from': no such directory: {source}", param="from")
     try:
         ref = await anyio.to_thread.run_sync(ctx.store.register, name, path)
@@ -85,6 +93,8 @@ async def create(request: Request) -> Response:
         raise
     except ValueError as e:  # ManifestError: not a loadable model
         raise BadRequest(f"'{source}' is not an MLX model: {e}", param="from") from None
+    except OSError as e:  # unreadable files inside the directory
+        raise BadRequest(f"'{source}' cannot be read: {e.strerror or e}", param="from") from None
     stream = body.get("stream", True)
     done = {"status": "success", "model": ref.name}
     if stream is False:
