@@ -211,6 +211,14 @@ def _model_names(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: names}
 
 
+def _paths(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: [Path(p).expanduser() for p in parse_list(raw)]}
+
+
+def _show_paths(s: Settings, name: str) -> dict[str, Any]:
+    return {name: [str(p) for p in getattr(s, name)]}
+
+
 def _memory_limit(name: str, raw: Any, total: int) -> dict[str, Any]:
     # The raw form ("80%") is kept too, for display.
     return {name: parse_memory_limit(raw, total), f"{name}_raw": None if raw in (None, "") else str(raw)}
@@ -340,6 +348,9 @@ SETTINGS: tuple[Setting, ...] = (
             "extra CORS origins", default_note="local origins"),
     Setting("allowed_hosts", "NAMES", None, _names,
             "extra names accepted in Host (globs, `*` any)", default_note="loopback, localhost, bound address"),
+    Setting("models_dirs", "DIRS", None, _paths,
+            "comma-separated roots `/api/create` may register directories from",
+            default_note="home and the HF cache", show=_show_paths),
     Setting("allow_pull", "PATTERNS", None, _text,
             "`*` or patterns: generate/chat may pull a missing model", default_note="no", bare="*"),
     Setting("default_model", "MODEL", None, _text,
@@ -387,6 +398,7 @@ class Settings:
     api_key_file: Path | None = field(default_factory=_default("api_key_file"))  # where api_key was read
     origins: list[str] = field(default_factory=_default("origins"))
     allowed_hosts: list[str] = field(default_factory=_default("allowed_hosts"))  # Host names served besides local ones
+    models_dirs: list[Path] = field(default_factory=_default("models_dirs"))  # []: home and the HF cache
     allow_pull: str | None = field(default_factory=_default("allow_pull"))  # None: no; "*" or comma-separated fnmatch patterns
     default_model: str | None = field(default_factory=_default("default_model"))  # Anthropic/OpenAI names that are not local map here
     reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor

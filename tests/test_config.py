@@ -56,6 +56,7 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("allowed_hosts", "allowed_hosts", ["--allowed-hosts", "a.lan"], "b.lan,*.c.lan", 'allowed_hosts = ["d.lan"]', ["a.lan"], ["b.lan", "*.c.lan"], ["d.lan"], []),
     ("api_key", "api_key", ["--api-key", "flag-key"], "env-key", 'api_key = "file-key"', "flag-key", "env-key", "file-key", None),
     ("origins", "origins", ["--origins", "http://a.test"], "http://b.test,http://c.test", 'origins = ["http://d.test"]', ["http://a.test"], ["http://b.test", "http://c.test"], ["http://d.test"], []),
+    ("models_dirs", "models_dirs", ["--models-dirs", "/m/a,/m/b"], "/e", 'models_dirs = ["/f"]', [Path("/m/a"), Path("/m/b")], [Path("/e")], [Path("/f")], []),
     ("allow_pull", "allow_pull", ["--allow-pull"], "mlx-community/*", 'allow_pull = "org/*"', "*", "mlx-community/*", "org/*", None),
     ("default_model", "default_model", ["--default-model", "f/m"], "e/m", 'default_model = "c/m"', "f/m", "e/m", "c/m", None),
     ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
@@ -243,7 +244,7 @@ def test_api_settings_json_of_the_defaults() -> None:
         "max_queue": 512, "context_length": 4096, "memory_limit": None,
         "memory_limit_raw": None, "load_timeout": 300.0, "stall_timeout": 60.0, "drain_timeout": 120.0,
         "api_key_set": False, "api_key_file": None, "origins": [], "allowed_hosts": [],
-        "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
+        "models_dirs": [], "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
     }
 
 

@@ -129,3 +129,38 @@ async def test_keep_alive_overflow_leaves_ps_and_settings_working(http: httpx2.A
                                                    "keep_alive": ka})
         assert r.status_code == 200, r.text
     assert (await http.get("/api/ps")).status_code == 200
+
+
+# ---- /api/create registers only directories under the model roots (item 8) ----
+
+
+async def test_create_only_under_roots_with_one_error_text(tmp_path: Path) -> None:
+    from corral.supervisor.store import ModelStore
+
+    root, outside = tmp_path / "models", tmp_path / "secret"
+    (root / "empty").mkdir(parents=True)
+    (outside / ".ssh").mkdir(parents=True)
+    (root / "escape").symlink_to(outside / ".ssh")
+    store = ModelStore(tmp_path / "home", tmp_path / "hub")
+    sched = FakeScheduler(store)  # type: ignore[arg-type]
+    app = create_app(fake_context(store, sched, Settings(home=tmp_path / "home", models_dirs=[root])))  # type: ignore[arg-type]
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        async def error(source: str) -> str:
+            r = await c.post("/api/create", json={"model": "mine", "from": source})
+            assert r.status_code == 400, r.text
+            return str(r.json()["error"]).replace(source, "<from>")
+
+        texts = {await error(str(p)) for p in (outside / ".ssh", outside / "nope", root / "escape",
+                                                Path("/proc/self"), root / ".." / "secret" / ".ssh")}
+        assert len(texts) == 1 and "no such directory" in texts.pop()  # existing or not: the same text
+        # inside a root the check of the directory itself goes on as before
+        assert "config.json" in await error(str(root / "empty"))
+
+
+def test_default_model_roots_are_home_and_the_hf_cache(tmp_path: Path) -> None:
+    from corral.supervisor.api.manage import model_roots
+    from corral.supervisor.store import ModelStore
+
+    store = ModelStore(tmp_path / "home", tmp_path / "hub")
+    ctx = fake_context(store, FakeScheduler(store), Settings(home=tmp_path / "home"))  # type: ignore[arg-type]
+    assert model_roots(ctx) == [Path.home(), tmp_path / "hub"]

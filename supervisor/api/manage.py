@@ -65,6 +65,26 @@ async def pull(request: Request) -> Response:
     return StreamingResponse(_ndjson(events_iter, str(name)), media_type=NDJSON)
 
 
+def model_roots(ctx: AppContext) -> list[Path]:
+    """Where /api/create may register directories from: settings.models_dirs, else the
+    user's home and the Hugging Face cache."""
+    return list(ctx.settings.models_dirs) or [Path.home(), pulling.hub_cache_dir(ctx)]
+
+
+def _allowed_dir(path: Path, roots: list[Path]) -> bool:
+    """`path` is a directory inside one of `roots`, symlinks resolved (no escaping through one)."""
+    try:
+        real = path.resolve()
+        if not real.is_dir():
+            return False
+        for root in roots:
+            if real.is_relative_to(root.expanduser().resolve()):
+                return True
+    except (OSError, ValueError, RuntimeError):  # too long, unreadable parent, a symlink loop
+        return False
+    return False
+
+
 async def create(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
@@ -81,12 +101,10 @@ async def create(request: Request) -> Response:
     path = Path(source).expanduser()
     if not path.is_absolute():
         raise BadRequest(f"'from' must be an absolute directory path, got '{source}'", param="from")
-    try:
-        is_dir = path.is_dir()
-    except (OSError, ValueError):  # too long a component, unreadable parent
-        is_dir = False
-    if not is_dir:
-        raise BadRequest(f"'from': no such directory: {source}", param="from")
+    if not await anyio.to_thread.run_sync(_allowed_dir, path, model_roots(ctx)):
+        # One text for "not there" and "not allowed": the answer must not tell which paths exist.
+        raise BadRequest(f"'from': no such directory under the model roots (CORRAL_MODELS_DIRS): {source}",
+                         param="from")
     try:
         ref = await anyio.to_thread.run_sync(ctx.store.register, name, path)
     except CorralError:
