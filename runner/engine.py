@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.runner.grammar import GrammarProcessor
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
@@ -49,6 +50,7 @@ class Sequence:
     finished: bool = False
     detok: Any = None
     stops: StopMatcher | None = None
+    grammar: GrammarProcessor | None = None  # constrained decoding; applied last, after penalties
 
     def emit(self, kind: str, value: Any) -> None:
         """Hand one event to the event loop now (the batched path is Engine._emit)."""
@@ -157,7 +159,7 @@ class Engine:
             [s.prompt for s in batch],
             max_tokens=[s.max_tokens for s in batch],
             samplers=[make_sampler(s.options) for s in batch],  # type: ignore[misc]
-            logits_processors=[make_processors(s.options, self.num_ctx) for s in batch],
+            logits_processors=[make_processors(s.options, self.num_ctx, s.grammar) for s in batch],
         )
         now = time.perf_counter()
         for uid, seq in zip(uids, batch, strict=True):
@@ -189,7 +191,10 @@ class Engine:
         text = seq.stops.feed(seq.detok.last_segment)
         if text:
             self._emit(seq, "text", text)
-        if seq.stops.stopped:
+        if seq.grammar is not None and seq.grammar.failed:
+            self._fail(gen, seq, f"constrained decoding failed: {seq.grammar.failed}")
+        elif seq.stops.stopped or (seq.grammar is not None and seq.grammar.done):
+            # a complete constrained value ends the sequence now, whatever the model would add
             self._finish(gen, seq, DONE_STOP)
         elif finish is not None:
             self._finish(gen, seq, DONE_LENGTH if finish == "length" else DONE_STOP)
@@ -227,6 +232,14 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, events)
             except RuntimeError:  # that loop is closed: nobody is left to read these
                 log.debug("dropped %d event(s) for a closed event loop", len(events))
+
+    def _fail(self, gen: BatchGenerator, seq: Sequence, message: str) -> None:
+        log.error("%s", message)
+        seq.finished = True
+        if seq.uid is not None and self._active.pop(seq.uid, None) is not None:
+            gen.remove([seq.uid])
+        self._emit(seq, "error", message)
+        self._update_counts()
 
     def _done_fields(self, seq: Sequence, reason: str) -> dict[str, Any]:
         end = time.perf_counter()

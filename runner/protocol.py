@@ -10,6 +10,15 @@ POST /completion takes a RunnerRequest's wire form and answers NDJSON: one
 string that matched or null, and tool_calls when the runner parsed any). A
 failure after the stream started is an `{"error": message}` line instead.
 The supervisor reads those lines as Chunk and Done events.
+
+Constrained decoding (runner/grammar.py) takes two more body fields:
+`format` is "json" (any JSON value) or a JSON schema object, and the output
+is then exactly one such value; `tool_choice` is "required" (the output is
+one call to one of `tools`) or a tool's name (one call to that tool), written
+in the model's tool-call markup with arguments matching the tool's
+`parameters` schema. Both are refused with 400 when the grammar cannot be
+built (an unsupported schema keyword is named in the message). Absent, or
+null, the output is free text.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ NDJSON = "application/x-ndjson"
 DONE_STOP = "stop"
 DONE_LENGTH = "length"
 DONE_CANCELLED = "cancelled"
+
+TOOL_CHOICE_REQUIRED = "required"
+"""RunnerRequest.tool_choice value: some call to one of the tools (else a tool's name)."""
 
 DEFAULT_NUM_PARALLEL = 4
 DEFAULT_NUM_CTX = 4096
@@ -177,12 +189,18 @@ def options_to_wire(opts: SamplingOptions) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class RunnerRequest:
     """The body of POST /completion: a raw `prompt` or chat `messages` (plus `tools`
-    for the chat template), and wire `options` (options_to_wire's output)."""
+    for the chat template, and `template`, a Jinja chat template replacing the
+    tokenizer's), and wire `options` (options_to_wire's output).
+    `format` ("json" or a JSON schema) and `tool_choice` ("required" or a tool
+    name) constrain the output (see the module docstring)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    template: str | None = None
+    format: str | dict[str, Any] | None = None
+    tool_choice: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"options": self.options}
@@ -192,6 +210,12 @@ class RunnerRequest:
             out["messages"] = self.messages
         if self.tools:
             out["tools"] = self.tools
+        if self.template:
+            out["chat_template"] = self.template
+        if self.format is not None:
+            out["format"] = self.format
+        if self.tool_choice is not None:
+            out["tool_choice"] = self.tool_choice
         return out
 
 

@@ -21,6 +21,13 @@ from typing import Any
 import mlx.core as mx
 import psutil
 from corral.runner.engine import Engine, Event, Sequence
+from corral.runner.grammar import (
+    GrammarCache,
+    GrammarError,
+    GrammarProcessor,
+    grammar_for,
+    tool_markup,
+)
 from corral.runner.protocol import (
     NDJSON,
     ROUTE_COMPLETION,
@@ -104,6 +111,7 @@ class RunnerApp:
         self._max_token_bytes: int | None = None
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
+        self.grammars = GrammarCache(self.tokenizer)
         self.app = Starlette(
             routes=[
                 Route(ROUTE_HEALTH, self.health, methods=["GET"]),
@@ -186,7 +194,8 @@ class RunnerApp:
             options = parse_options(body.get("options"))
             self._check_prompt_bytes(body)
             prompt, tools = self._prompt_tokens(body)
-        except (BadInput, OptionError) as e:
+            grammar = await self._grammar(body, tools)
+        except (BadInput, OptionError, GrammarError) as e:
             return error(400, str(e))
         room = self.engine.num_ctx - len(prompt)
         if room <= 0:
@@ -198,7 +207,7 @@ class RunnerApp:
                 "length", prompt_eval_count=len(prompt), prompt_eval_duration=0,
                 eval_count=0, eval_duration=0))]), media_type=NDJSON)
         seq = Sequence(prompt=prompt, options=options, max_tokens=max_tokens,
-                       loop=asyncio.get_running_loop())
+                       loop=asyncio.get_running_loop(), grammar=grammar)
         log.info("request start: prompt_tokens=%d max_tokens=%d", len(prompt), max_tokens)
         self.engine.submit(seq)
         splitter = ToolCallSplitter(self.tokenizer, tools) if tools else None
@@ -225,6 +234,17 @@ class RunnerApp:
             raise BadInput(f"prompt is over {limit} bytes, more than the context window "
                            f"(num_ctx {self.engine.num_ctx}) can hold")
 
+    async def _grammar(self, body: dict[str, Any], tools: list[Any] | None) -> GrammarProcessor | None:
+        """The request's constraint, compiled off the generation thread (cached by grammar)."""
+        fmt, choice = body.get("format"), body.get("tool_choice")
+        if choice is not None and not isinstance(choice, str):
+            raise BadInput("'tool_choice' must be \"required\" or a tool's name")
+        markup = tool_markup(self.tokenizer) if choice is not None else None
+        grammar = grammar_for(fmt, choice, tools, *(markup,) if markup else ())
+        if grammar is None:
+            return None
+        return await self.grammars.processor(grammar)
+
     def _prompt_tokens(self, body: dict[str, Any]) -> tuple[list[int], list[Any] | None]:
         prompt = body.get("prompt")
         messages = body.get("messages")
@@ -244,9 +264,13 @@ class RunnerApp:
             raise BadInput("'messages' must be a non-empty list of objects")
         if tools is not None and not isinstance(tools, list):
             raise BadInput("'tools' must be a list")
+        template = body.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise BadInput("'chat_template' must be a string")
         try:
+            extra = {"chat_template": template} if template else {}
             ids = self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, add_generation_prompt=True)
+                messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # template errors (bad roles, missing keys) are the client's
             raise BadInput(f"chat template failed: {e}") from None
         if isinstance(ids, str):

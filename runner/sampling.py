@@ -44,7 +44,14 @@ def make_sampler(opts: SamplingOptions) -> Sampler | None:
     return None if opts.greedy else SeededSampler(opts)
 
 
-def make_processors(opts: SamplingOptions, num_ctx: int) -> list[LogitsProcessor]:
+def make_processors(opts: SamplingOptions, num_ctx: int,
+                    grammar: LogitsProcessor | None = None) -> list[LogitsProcessor]:
+    """Penalty processors, then the grammar's mask (last, so nothing re-opens a masked token)."""
+    penalties = _penalties(opts, num_ctx)
+    return [*penalties, grammar] if grammar is not None else penalties
+
+
+def _penalties(opts: SamplingOptions, num_ctx: int) -> list[LogitsProcessor]:
     # Penalties shape sampling only. Under temperature 0 we decode the raw
     # argmax (as Ollama's engine and mlx_lm.generate do), so that greedy
     # output is the reference output even though Ollama's default

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from corral.supervisor.api import access, anthropic, embed, manage, ollama, openai
+from corral.supervisor.api import access, anthropic, embed, manage, ollama, openai, unsupported
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import error_response, family_for_path
 from corral.supervisor.errors import CorralError, PayloadTooLarge
@@ -107,9 +107,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def collect_routes(ctx: AppContext) -> list[BaseRoute]:
-    # Ollama's last: it owns "/" and its routes never shadow the others'.
+    # Ollama's last: it owns "/" and its routes never shadow the others'. The
+    # routes corral does not serve come after every served one.
     return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *embed.routes(ctx),
-            *ollama.routes(ctx)]
+            *ollama.routes(ctx), *unsupported.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:

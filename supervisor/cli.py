@@ -8,6 +8,7 @@ non-zero exit status (see EXIT_CODES), so scripts can rely on them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 
 from corral.supervisor.cli_client import CannotConnect, ClientError, CorralClient, ServerError
 from corral.supervisor.config import DEFAULT_HOST
+from corral.supervisor.modelfile import ModelfileError, parse_modelfile
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -181,10 +183,31 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    directory = str(Path(args.source).expanduser().resolve())
+    """`corral create NAME -f Modelfile` (Ollama's form) or `--from DIR|MODEL`."""
+    if args.file is not None and Path(args.file).expanduser().is_dir():
+        args.source, args.file = args.file, None  # `-f DIR`, as earlier versions took it
+    if args.file is None and args.source is None:
+        default = Path("Modelfile")
+        if not default.is_file():
+            raise ServerError(0, "give -f Modelfile (or --from DIR|MODEL); no ./Modelfile here")
+        args.file = str(default)
+    if args.file is not None:
+        path = Path(args.file).expanduser()
+        try:
+            body = parse_modelfile(path.read_text(encoding="utf-8"), path.resolve().parent)
+        except OSError as e:
+            raise ServerError(0, f"cannot read {args.file}: {e.strerror or e}") from None
+        except ModelfileError as e:
+            raise ServerError(0, f"{args.file}: {e}") from None
+        source = str(body["from"])
+    else:
+        source = args.source
+        if source.startswith((".", "/", "~")) or Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser().resolve())
+        body = {"from": source}
     with _client(args) as c:
-        c.create(args.name, directory)
-    print(f"created '{args.name}' from {directory}")
+        c.create(args.name, **body)
+    print(f"created '{args.name}' from {source}")
     return EXIT_OK
 
 
@@ -259,6 +282,8 @@ def _ensure_local(c: CorralClient, model: str) -> None:
     except ServerError as e:
         if e.status != 404:
             raise
+        sys.stderr.write(f"model '{model}' is not on disk; pulling it from the Hugging Face Hub\n")
+        sys.stderr.flush()
         last = show_pull(c.pull(model))
         if last.get("status") != "success":
             raise ServerError(0, f"pull of '{model}' ended without success") from None
@@ -269,10 +294,21 @@ def _request_extras(args: argparse.Namespace, options: dict[str, Any]) -> dict[s
     if args.keepalive is not None:
         extra["keep_alive"] = args.keepalive
     if args.format:
-        extra["format"] = args.format
+        extra["format"] = _format_value(args.format)
+    # Thinking (--think / --hidethinking, /set think) adds its request fields here.
     if options:
         extra["options"] = options
     return extra
+
+
+def _format_value(text: str) -> Any:
+    """--format: "json", or a JSON schema given inline (a value starting with "{")."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--format: not a JSON schema: {e}") from None
+    return text
 
 
 def _seconds(ns: Any) -> str:
@@ -335,14 +371,30 @@ def _parse_value(text: str) -> Any:
 
 
 SESSION_HELP = """Available Commands:
-  /set parameter NAME VALUE   set a sampling option (temperature, num_predict, top_p, seed, stop, ...)
-  /set system TEXT            set the system message
-  /show info                  show details for this model
-  /show parameters            show the options set in this session
-  /clear                      clear the session context
-  /bye                        exit
-  /?, /help                   this help
+  /set            set session variables (type /set alone to list them)
+  /show           show model information (type /show alone to list what)
+  /clear          clear the session context
+  /bye            exit
+  /?, /help       this help
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D exits.
+"""
+
+SET_HELP = """Available Commands:
+  /set parameter NAME VALUE   set a sampling option (temperature, num_predict, num_ctx, top_p, seed, stop, ...)
+  /set system TEXT            set the system message
+  /set verbose                show timings and tokens/s after each answer
+  /set quiet                  stop showing them
+  /set format json            ask for JSON answers
+  /set noformat               plain answers
+"""
+
+SHOW_HELP = """Available Commands:
+  /show info         details for this model
+  /show license      the model's license
+  /show modelfile    the Modelfile that recreates it
+  /show parameters   its parameters and those set in this session
+  /show system       its system message
+  /show template     its chat template
 """
 
 
@@ -373,7 +425,15 @@ class Session:
             lines.append(more)
 
     def command(self, line: str) -> bool:
-        """Handle a /command; False when the session should end."""
+        """Handle a /command; False when the session should end. A failing command
+        (the server said no) is reported and the session goes on."""
+        try:
+            return self._command(line)
+        except ClientError as e:
+            print(f"Error: {e}")
+            return True
+
+    def _command(self, line: str) -> bool:
         words = line.split(maxsplit=3)
         head = words[0].lower()
         if head in ("/bye", "/exit"):
@@ -383,23 +443,55 @@ class Session:
         elif head == "/clear":
             self.messages.clear()
             print("Cleared session context")
-        elif head == "/set" and len(words) >= 4 and words[1] == "parameter":
-            name, value = words[2], _parse_value(words[3])
+        elif head == "/set":
+            self._set(line, words[1:])
+        elif head == "/show":
+            self._show(words[1].lower() if len(words) > 1 else "")
+        else:
+            print(f"Unknown command '{line.strip()}'. Type /? for help")
+        return True
+
+    def _set(self, line: str, words: list[str]) -> None:
+        what = words[0].lower() if words else ""
+        if what == "parameter" and len(words) >= 3:
+            name, value = words[1], _parse_value(words[2])
             if name == "stop":
                 self.options.setdefault("stop", []).append(str(value))
             else:
                 self.options[name] = value
-            print(f"Set parameter '{name}' to '{words[3]}'")
-        elif head == "/set" and len(words) >= 3 and words[1] == "system":
+            print(f"Set parameter '{name}' to '{words[2]}'")
+        elif what == "system" and len(words) >= 2:
             self.system = line.split(maxsplit=2)[2].strip().strip('"')
             print("Set system message.")
-        elif head == "/show" and len(words) >= 2 and words[1] == "info":
-            sys.stdout.write(format_show(self.client.show(self.args.model)))
-        elif head == "/show" and len(words) >= 2 and words[1] == "parameters":
-            print("\n".join(f"{k:<15}{v}" for k, v in self.options.items()) or "No parameters set.")
+        elif what in ("verbose", "quiet"):
+            self.args.verbose = what == "verbose"
+            print("Set 'verbose' mode." if self.args.verbose else "Set 'quiet' mode.")
+        elif what == "format" and len(words) >= 2:
+            self.args.format = words[1]
+            print(f"Set format to '{words[1]}' mode.")
+        elif what == "noformat":
+            self.args.format = None
+            print("Disabled format.")
+        # Thinking adds `/set think`, `/set nothink` here.
         else:
-            print(f"Unknown command '{line.strip()}'. Type /? for help")
-        return True
+            print(SET_HELP, end="")
+
+    def _show(self, what: str) -> None:
+        if what not in ("info", "license", "modelfile", "parameters", "system", "template"):
+            print(SHOW_HELP, end="")
+            return
+        info = self.client.show(self.args.model)
+        if what == "info":
+            sys.stdout.write(format_show(info))
+            return
+        text = str(info.get(what) or "").rstrip("\n")
+        if what == "parameters":
+            mine = "\n".join(f"{k:<15}{v}" for k, v in self.options.items())
+            text = "\n".join(t for t in (text and f"Model defined parameters:\n{text}",
+                                         mine and f"User defined parameters:\n{mine}") if t)
+        if what == "system" and self.system:
+            text = self.system
+        print(text or f"No {what} was specified for this model.")
 
     def answer(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
@@ -503,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive", metavar="DURATION",
                      help="how long the model stays loaded after the answer (5m, 1h, 0, -1)")
     run.add_argument("--nowordwrap", action="store_true", help="accepted for ollama compatibility")
-    run.add_argument("--format", metavar="FORMAT", help="response format, e.g. json")
+    run.add_argument("--format", metavar="FORMAT", help="structured output: json, or a JSON schema inline")
+    # Thinking adds --think and --hidethinking here.
 
     pull = _add(sub, "pull", cmd_pull, "download an MLX model from the Hugging Face Hub")
     pull.add_argument("model", metavar="MODEL", help="a Hub repo id, e.g. mlx-community/Qwen3-0.6B-4bit")
@@ -522,17 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
     cp = _add(sub, "cp", cmd_cp, "copy a model under a new name")
     cp.add_argument("source", metavar="SOURCE")
     cp.add_argument("destination", metavar="DESTINATION")
-    create = _add(sub, "create", cmd_create, "register a local MLX model directory under a name")
-    create.add_argument("name", metavar="NAME")
-    create.add_argument("--from", "-f", dest="source", required=True, metavar="DIR",
-                        help="directory holding config.json, *.safetensors and the tokenizer")
+    create = _add(sub, "create", cmd_create,
+                  "create a model from a Modelfile (FROM, SYSTEM, TEMPLATE, PARAMETER, MESSAGE, LICENSE)")
+    create.add_argument("name", metavar="NAME", help="the new name, with any tag (mymodel:v2)")
+    create.add_argument("--file", "-f", dest="file", metavar="MODELFILE",
+                        help="the Modelfile to read (default ./Modelfile)")
+    create.add_argument("--from", dest="source", metavar="DIR|MODEL",
+                        help="no Modelfile: a model name, or a directory holding config.json, "
+                             "*.safetensors and the tokenizer")
     _add(sub, "version", cmd_version, "show the client and server versions")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors exit 2 here
+    args, extra = parser.parse_known_args(argv)  # usage errors exit 2 here
+    # `corral run MODEL --verbose "hi"`: words after a flag are still the prompt.
+    if extra and getattr(args, "command", None) == "run" and not any(x.startswith("-") for x in extra):
+        args.prompt = [*args.prompt, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         return cmd_version(args)
     func: Command | None = getattr(args, "func", None)

@@ -148,9 +148,12 @@ class CorralClient:
     def copy(self, source: str, destination: str) -> None:
         self.request("POST", "/api/copy", {"source": source, "destination": destination})
 
-    def create(self, model: str, directory: str) -> dict[str, Any]:
-        return dict(self.request("POST", "/api/create", {"model": model, "from": directory,
-                                                         "stream": False}) or {})
+    def create(self, model: str, directory: str | None = None, **fields: Any) -> dict[str, Any]:
+        """POST /api/create: `directory` (or fields["from"], a model name) plus Modelfile fields."""
+        body = {"model": model, **fields, "stream": False}
+        if directory is not None:
+            body["from"] = directory
+        return dict(self.request("POST", "/api/create", body) or {})
 
     def unload(self, model: str) -> None:
         self.request("POST", "/api/generate", {"model": model, "keep_alive": 0})

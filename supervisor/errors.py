@@ -17,6 +17,7 @@ here.
     ├── UnsupportedMediaType (415)      a body that is not JSON
     ├── Busy (503, Retry-After)         queue full, server shutting down
     │   └── LoadTimeout (503)
+    ├── NotSupported (501)              a route of Ollama's, OpenAI's or Anthropic's API corral does not serve
     ├── InsufficientMemory (507)        the model can never fit
     ├── RunnerFailed (500)              runner exited or failed to load; carries its last log line
     └── PullFailed (400/404/502)        see supervisor.pull
@@ -112,6 +113,14 @@ class Busy(CorralError):
 
 class LoadTimeout(Busy):
     """The runner did not become ready within the load timeout."""
+
+
+class NotSupported(CorralError):
+    """A route another server's API defines and corral does not serve."""
+
+    status = 501
+    anthropic_type = "not_found_error"
+    openai_type = "invalid_request_error"
 
 
 class InsufficientMemory(CorralError):

@@ -28,13 +28,15 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.supervisor.errors import CorralError, PullFailed
-from corral.supervisor.store import default_hf_cache, normalize_name, supported_model_type
+from corral.supervisor.library import looks_like_library_name, not_on_hub_message
+from corral.supervisor.names import DEFAULT_TAG, normalize_name, split_name
+from corral.supervisor.store import default_hf_cache, supported_model_type
 
 if TYPE_CHECKING:
     from corral.supervisor.api.context import AppContext
@@ -89,17 +91,27 @@ class PullPlan:
 # ---- names, settings, cache location ---------------------------------------
 
 
-def repo_id_for(name: object) -> str:
-    """The Hub repo id for a requested model name (validated; ':latest' stripped, case kept)."""
-    normalize_name(name)  # InvalidModelName (400) for hostile or malformed names
-    assert isinstance(name, str)
-    repo = name.strip()
-    if repo.endswith(":latest"):
-        repo = repo[: -len(":latest")]
-    if repo.count("/") > 1 or repo.startswith("/") or repo.endswith("/"):
+def repo_id_for(name: object, library: Mapping[str, str] | None = None) -> str:
+    """The Hub repo id for a requested model name (validated; case kept).
+
+    A bare Ollama library name (`qwen3:0.6b`) goes through `library` (the
+    store's table); one not in it is a 404 saying corral pulls from the Hub.
+    A repo id takes no tag but ':latest'.
+    """
+    base, tag = split_name(name)  # InvalidModelName (400) for hostile or malformed names
+    if looks_like_library_name(base):
+        key = normalize_name(name)
+        repo = (library or {}).get(key)
+        if repo is None:
+            raise PullFailed(not_on_hub_message(str(name)), status=404)
+        return repo
+    if tag.lower() != DEFAULT_TAG:
+        raise PullFailed(f"invalid model name '{name}': a Hugging Face repo id has no tag but "
+                         f"':latest' (give other tags with `corral cp REPO NAME:TAG`)", status=400)
+    if base.count("/") > 1:
         raise PullFailed(f"invalid model name '{name}': expected a Hub repo id like "
                          f"'mlx-community/Qwen3-0.6B-4bit'", status=400)
-    return repo
+    return base
 
 
 def pull_allowed(patterns: str | None, repo: str) -> bool:
@@ -370,13 +382,14 @@ def repo_lock(repo: str) -> asyncio.Lock:
 _running: set[asyncio.Task[None]] = set()
 
 
-async def start_pull(cache_dir: Path, name: object) -> AsyncGenerator[dict[str, Any], None]:
+async def start_pull(cache_dir: Path, name: object,
+                     library: Mapping[str, str] | None = None) -> AsyncGenerator[dict[str, Any], None]:
     """Check the repo (raising CorralError before anything streams), then pull it in the background.
 
     Returns the progress statuses as they happen; an in-pull failure is raised
     from the iterator.
     """
-    repo = repo_id_for(name)
+    repo = repo_id_for(name, library)
     lock = repo_lock(repo)
     await lock.acquire()
     try:
@@ -415,7 +428,12 @@ async def _drain(
 
 async def pull_model(ctx: AppContext, name: object) -> list[dict[str, Any]]:
     """Pull to completion (no streaming); the statuses seen, the last one "success"."""
-    return [event async for event in await start_pull(hub_cache_dir(ctx), name)]
+    return [event async for event in await start_pull(hub_cache_dir(ctx), name, library_of(ctx))]
+
+
+def library_of(ctx: AppContext) -> Mapping[str, str] | None:
+    """The store's Ollama library table (None for stores without one)."""
+    return getattr(ctx.store, "library", None)
 
 
 async def pull_if_allowed(ctx: AppContext, name: str) -> bool:
@@ -426,7 +444,7 @@ async def pull_if_allowed(ctx: AppContext, name: str) -> bool:
     broken download) raise PullFailed so the client learns why.
     """
     try:
-        repo = repo_id_for(name)
+        repo = repo_id_for(name, library_of(ctx))
     except CorralError:
         return False
     if not pull_allowed(getattr(ctx.settings, "allow_pull", None), repo):

@@ -5,6 +5,11 @@ Two sources: the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else
 written by `corral create` and `corral cp`), kept in $CORRAL_HOME/models.json.
 Registered names shadow hub names.
 
+Names follow Ollama's rules (supervisor.names): a hub repo is `org/repo`
+with the tag "latest"; registered names may carry any tag, and keep what
+`/api/create` stored with them (ModelDefaults). A bare Ollama library name
+(`qwen3:0.6b`) resolves to the hub repo its table maps it to (supervisor.library).
+
 A requested name never becomes a file path: it is validated by
 `normalize_name` and then only compared with names found by listing, so no
 request can make the store touch a file outside its two roots.
@@ -23,13 +28,14 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from corral.runner.embed_spec import ENCODER_MODEL_TYPES
-from corral.supervisor.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
+from corral.supervisor.library import load_library, looks_like_library_name
 from corral.supervisor.manifest import (
     Manifest,
     ManifestError,
@@ -37,10 +43,14 @@ from corral.supervisor.manifest import (
     read_manifest,
     weight_files,
 )
+from corral.supervisor.names import (
+    display_name,
+    normalize_name,
+    tagged_name,
+)
 
 REGISTRY_FILE = "models.json"
-MAX_NAME_LEN = 256
-# One to three path-like segments of the characters Hub repo ids use.
+# The snapshot commit directory names the hub cache uses.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MODEL_TYPE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # Used only when mlx_lm's own table cannot be read (see _model_remapping).
@@ -49,45 +59,68 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "voca
 
 
 @dataclass(frozen=True)
+class ModelDefaults:
+    """What `/api/create` stores with a name and requests get unless they say otherwise.
+
+    `parameters` holds Ollama option names (num_ctx, temperature, stop as a
+    list, ...) already validated by the API; `messages` is a conversation
+    prefix put before every chat; `template` a Jinja chat template replacing
+    the tokenizer's.
+    """
+
+    system: str | None = None
+    template: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[dict[str, Any], ...] = ()
+    license: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("system", "template", "license"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.parameters:
+            out["parameters"] = dict(self.parameters)
+        if self.messages:
+            out["messages"] = [dict(m) for m in self.messages]
+        return out
+
+    @classmethod
+    def from_json(cls, rec: dict[str, Any]) -> ModelDefaults:
+        def text(key: str) -> str | None:
+            value = rec.get(key)
+            return value if isinstance(value, str) else None
+
+        params = rec.get("parameters")
+        messages = rec.get("messages")
+        return cls(
+            system=text("system"), template=text("template"), license=text("license"),
+            parameters=dict(params) if isinstance(params, dict) else {},
+            messages=tuple(m for m in messages if isinstance(m, dict)) if isinstance(messages, list) else (),
+        )
+
+    def over(self, base: ModelDefaults) -> ModelDefaults:
+        """These defaults laid over `base` (what a model created FROM another inherits)."""
+        return ModelDefaults(
+            system=self.system if self.system is not None else base.system,
+            template=self.template if self.template is not None else base.template,
+            parameters={**base.parameters, **self.parameters},
+            messages=self.messages or base.messages,
+            license=self.license if self.license is not None else base.license,
+        )
+
+
+@dataclass(frozen=True)
 class ModelRef:
-    name: str  # display name: the repo id as found ("corral-test/tiny") or the registered name
+    name: str  # display name: the repo id as found ("corral-test/tiny") or the registered name ("m:v2")
     path: Path  # directory holding config.json (an HF snapshot dir or a registered dir)
     source: Literal["hf", "local"]
-    digest: str  # HF snapshot commit hash, or a stable hash of the registered path
+    digest: str  # HF snapshot commit hash, or the registration's digest (kept by `cp`)
     modified_at: float  # unix time
     size: int  # bytes on disk of the model's files
-
-
-def normalize_name(name: object) -> str:
-    """Validate and canonicalize a requested model name.
-
-    Strips a ":latest" tag; lower-cases for lookup. Raises InvalidModelName (400)
-    for non-strings, empty names, names over 256 chars, "..", absolute paths,
-    backslashes, NUL or control characters, and tags other than ":latest".
-    """
-    if not isinstance(name, str):
-        raise InvalidModelName("model name must be a string")
-    if not name.strip():
-        raise InvalidModelName("model name is required")
-    if len(name) > MAX_NAME_LEN:
-        raise InvalidModelName(f"model name is longer than {MAX_NAME_LEN} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InvalidModelName("model name contains control characters")
-    if "\\" in name:
-        raise InvalidModelName("model name must not contain a backslash")
-    if name.startswith("/"):
-        raise InvalidModelName("model name must not be an absolute path")
-    base, sep, tag = name.partition(":")
-    if sep and tag.lower() != "latest":
-        raise InvalidModelName(f"invalid model name {name!r}: the only tag supported is ':latest'")
-    segments = base.split("/")
-    if any(s in ("", ".", "..") for s in segments):
-        raise InvalidModelName(f"invalid model name {name!r}: empty, '.' or '..' path segment")
-    if len(segments) > 3 or not all(_SEGMENT.match(s) for s in segments):
-        raise InvalidModelName(
-            f"invalid model name {name!r}: use letters, digits, '.', '_', '-' as in org/name"
-        )
-    return base.lower()
+    # what `/api/create` stored with the name; never part of equality or hashing
+    defaults: ModelDefaults = field(default_factory=ModelDefaults, compare=False)
+    parent: str = field(default="", compare=False)  # the model it was created or copied from
 
 
 def default_hf_cache() -> Path:
@@ -212,6 +245,8 @@ class ModelStore:
         self._lock = threading.RLock()
         # path -> (file identity, manifest); see manifest()
         self._manifests: dict[Path, tuple[tuple[Any, ...], Manifest]] = {}
+        # Ollama library names -> Hub repo ids (read once; config.toml's [library] over the shipped table)
+        self.library = load_library(self.home)
 
     # -- listing ------------------------------------------------------------
 
@@ -227,7 +262,11 @@ class ModelStore:
         return sorted(refs.values(), key=lambda r: r.name.lower())
 
     def resolve(self, name: str) -> ModelRef:
-        """The model for a requested name; InvalidModelName (400) or ModelNotFound (404)."""
+        """The model for a requested name; InvalidModelName (400) or ModelNotFound (404).
+
+        Registered names first, then Hub repos (only as `repo` / `repo:latest`),
+        then Ollama library names whose mapped repo is in the cache.
+        """
         key = normalize_name(name)
         rec = self._registry().get(key)
         if rec is not None:
@@ -237,8 +276,18 @@ class ModelStore:
             return ref
         entry = self._hub_entry(key)
         if entry is None:
+            repo = self.library_repo(name)
+            entry = self._hub_entry(repo.lower()) if repo is not None else None
+        if entry is None:
             raise ModelNotFound(name)
         return self._hub_ref(entry)
+
+    def library_repo(self, name: str) -> str | None:
+        """The Hub repo an Ollama library name stands for (None: not a library name)."""
+        key = normalize_name(name)
+        if not looks_like_library_name(key):
+            return None
+        return self.library.get(key)
 
     def manifest(self, ref: ModelRef) -> Manifest:
         """Cached by file identity (path, size, mtime) so listing a large cache stays fast."""
@@ -264,9 +313,9 @@ class ModelStore:
 
     # -- changes ------------------------------------------------------------
 
-    def register(self, name: str, path: Path) -> ModelRef:
+    def register(self, name: str, path: Path, defaults: ModelDefaults | None = None) -> ModelRef:
         """`corral create NAME --from DIR`: checks the directory is a loadable model."""
-        key = normalize_name(name)
+        normalize_name(name)
         model_dir = Path(path).expanduser()
         if not model_dir.is_absolute():
             model_dir = Path.cwd() / model_dir
@@ -280,23 +329,41 @@ class ModelStore:
             read_manifest(model_dir)  # every safetensors header must be sound
         except ManifestError as e:
             raise BadRequest(str(e)) from e
-        display = name.partition(":")[0]
-        with self._lock:
-            reg = self._registry()
-            reg[key] = {"name": display, "path": str(model_dir), "created_at": time.time()}
-            self._write_registry(reg)
-        ref = self._local_ref(reg[key])
-        assert ref is not None
-        return ref
+        defaults = defaults or ModelDefaults()
+        return self._record(name, model_dir, _digest(str(model_dir), defaults), defaults, str(model_dir))
+
+    def create(self, name: str, source: str, defaults: ModelDefaults) -> ModelRef:
+        """`/api/create` FROM an existing model: its files, its defaults with `defaults` laid over.
+
+        The digest changes with the defaults, as Ollama's does with a new config layer.
+        """
+        normalize_name(name)
+        ref = self.resolve(source)
+        merged = defaults.over(ref.defaults)
+        digest = ref.digest if merged == ref.defaults else _digest(ref.digest, merged)
+        return self._record(name, ref.path, digest, merged, tagged_name(ref.name))
 
     def copy(self, src: str, dst: str) -> ModelRef:
-        """`corral cp` / POST /api/copy: registers dst as another name for src's directory.
+        """`corral cp` / POST /api/copy: dst becomes another name for src, digest and defaults kept.
 
         Like `ollama cp`, an existing dst is overwritten.
         """
         normalize_name(dst)  # a bad dst is a 400 even when src is missing
         ref = self.resolve(src)
-        return self.register(dst, ref.path)
+        return self._record(dst, ref.path, ref.digest, ref.defaults, ref.parent or tagged_name(ref.name))
+
+    def _record(self, name: str, path: Path, digest: str, defaults: ModelDefaults, parent: str) -> ModelRef:
+        key = normalize_name(name)
+        rec = {"name": display_name(name), "path": str(path), "digest": digest, "parent": parent,
+               "created_at": time.time(), **defaults.to_json()}
+        with self._lock:
+            reg = self._registry()
+            reg[key] = rec
+            self._write_registry(reg)
+        ref = self._local_ref(rec)
+        if ref is None:
+            raise BadRequest(f"{path}: not a loadable model")
+        return ref
 
     def delete(self, name: str) -> None:
         """Registered names are unregistered; HF cache entries are removed from the cache."""
@@ -409,5 +476,18 @@ class ModelStore:
         if not (path / "config.json").is_file():
             return None
         size, mtime = _stats(path)
-        digest = hashlib.sha256(str(path).encode()).hexdigest()
-        return ModelRef(rec["name"], path, "local", digest, mtime, size)
+        digest = rec.get("digest")
+        if not isinstance(digest, str) or not digest:  # registered before digests were stored
+            digest = hashlib.sha256(str(path).encode()).hexdigest()
+        parent = rec.get("parent")
+        return ModelRef(rec["name"], path, "local", digest, mtime, size,
+                        ModelDefaults.from_json(rec), parent if isinstance(parent, str) else "")
+
+
+def _digest(base: str, defaults: ModelDefaults) -> str:
+    """A stable digest of a model's files (by `base`: a path or a digest) and its stored defaults."""
+    stored = defaults.to_json()
+    if not stored:  # what registrations without defaults always had
+        return hashlib.sha256(base.encode()).hexdigest()
+    text = json.dumps([base, stored], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

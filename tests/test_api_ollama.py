@@ -295,13 +295,14 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     {"model": TINY, "prompt": "x", "options": {"stop": [1, 2]}},
     {"model": TINY, "prompt": "x", "keep_alive": "forever"},
     {"model": TINY, "prompt": "x", "keep_alive": True},
-    {"model": TINY, "prompt": "x", "format": "json"},
+    {"model": TINY, "prompt": "x", "format": "yaml"},
+    {"model": TINY, "prompt": "x", "format": ["json"]},
     {"model": TINY, "prompt": "x", "images": ["aGk="]},
     {"model": TINY, "prompt": "x", "suffix": "end"},
     {"model": "../../etc/passwd", "prompt": "x"},
     {"model": "/etc/passwd", "prompt": "x"},
     {"model": "a\x00b", "prompt": "x"},
-    {"model": TINY + ":v2", "prompt": "x"},
+    {"model": TINY + ":v2:x", "prompt": "x"},  # a tag cannot hold ":" (any single tag is valid)
     {"model": "x" * 5000, "prompt": "x"},
 ])
 async def test_generate_rejects_bad_input(client: httpx.AsyncClient, sched: FakeScheduler,

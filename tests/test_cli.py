@@ -91,7 +91,8 @@ def test_help(command: str | None) -> None:
             assert c in result.stdout
 
 
-@pytest.mark.parametrize("args", [["run"], ["bogus"], ["cp", "only-one"], ["create", "x"], ["rm"]])
+@pytest.mark.parametrize("args", [["run"], ["bogus"], ["cp", "only-one"], ["create"], ["rm"],
+                                  ["run", TINY, "--bogus", "hi"]])
 def test_usage_errors_exit_2(args: list[str]) -> None:
     result = corral(None, *args)
     assert result.returncode == 2
@@ -283,6 +284,29 @@ def test_api_key_is_sent(cache: Path, tmp_path: Path) -> None:
         assert TINY in allowed.stdout
 
 
+def test_create_with_a_modelfile(server: ServerProcess, tmp_path: Path) -> None:
+    (tmp_path / "Modelfile").write_text(f'FROM {TINY}\nSYSTEM """You herd cattle."""\n'
+                                        "PARAMETER temperature 0\nPARAMETER num_predict 3\n")
+    ok = corral(server, "create", "herder:v1", "-f", str(tmp_path / "Modelfile"))
+    assert ok.returncode == 0, ok.stderr
+    assert "herder:v1" in corral(server, "list").stdout
+    system = corral(server, "show", "herder:v1", "--system")
+    assert system.returncode == 0 and system.stdout.strip() == "You herd cattle."
+    params = corral(server, "show", "herder:v1", "--parameters").stdout
+    assert "num_predict" in params and "temperature" in params
+    run = corral(server, "run", "herder:v1", "--verbose", "Hi", "there")  # flags before the prompt
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"eval count:\s+[0-3] token", run.stderr), run.stderr
+    (tmp_path / "empty").mkdir()
+    no_file = subprocess.run([sys.executable, "-m", "corral.supervisor", "create", "x"], cwd=tmp_path / "empty",
+                             env={**os.environ, "CORRAL_HOST": f"127.0.0.1:{server.port}"},
+                             text=True, capture_output=True, timeout=60)
+    assert no_file.returncode == 1 and "Modelfile" in no_file.stderr
+    (tmp_path / "Bad").write_text("SYSTEM no from\n")
+    bad = corral(server, "create", "x", "-f", str(tmp_path / "Bad"))
+    assert bad.returncode == 1 and "FROM" in bad.stderr
+
+
 # ---- the interactive session, through a pseudo-terminal ------------------------------
 
 
@@ -373,6 +397,20 @@ def test_interactive_session(term: Terminal) -> None:
     term.send("/show info\n")
     term.expect("architecture")
     term.expect(">>> ")
+    term.send("/show\n")
+    term.expect(r"/show modelfile")
+    term.send("/set\n")
+    term.expect(r"/set verbose")
+    term.send("/show template\n")
+    term.expect(r"im_start")
+    term.send("/show system\n")
+    term.expect("You are terse.")
+    term.send("/set verbose\n")
+    term.expect("Set 'verbose' mode.")
+    term.send("Hello again\n")
+    term.expect(r"eval rate:")
+    term.send("/set quiet\n")
+    term.expect("Set 'quiet' mode.")
     term.send("/clear\n")
     term.expect("Cleared session context")
     term.send("/nonsense\n")

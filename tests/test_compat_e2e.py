@@ -141,8 +141,10 @@ def test_openai_errors(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=TINY, messages=USER, n=2)
     assert e.value.param == "n"  # type: ignore[attr-defined]
-    with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model=TINY, messages=USER, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError) as e:  # the runner names the keyword it cannot enforce
+        oai.chat.completions.create(model=TINY, messages=USER, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}})
+    assert "if" in str(e.value)
 
 
 def test_anthropic_create_and_stream(claude: anthropic.Anthropic) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from corral.runner.embed_spec import EMBED_BATCH_TOKENS
+from corral.runner.protocol import Done, RunnerRequest
 from corral.supervisor.config import Settings
 from corral.supervisor.manifest import read_manifest
 from corral.supervisor.memory import estimate_need
@@ -94,8 +95,8 @@ async def test_embedding_and_chat_models_evict_each_other(world: tuple[Scheduler
         first = await lease.embed({"input": ["evict me"]})
     assert _loaded(sched) == [EMB]
     async with await sched.acquire(await sched.resolve(TINY)) as lease:
-        lines = [line async for line in lease.completion({"prompt": "hi", "options": {"num_predict": 4}})]
-        assert lines[-1]["done"] is True
+        events = [e async for e in lease.completion(RunnerRequest({"num_predict": 4}, prompt="hi"))]
+        assert isinstance(events[-1], Done)
     assert _loaded(sched) == [TINY]
     async with await sched.acquire(await sched.resolve(EMB)) as lease:
         again = await lease.embed({"input": ["evict me"]})

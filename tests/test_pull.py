@@ -227,7 +227,7 @@ async def test_app_pull_if_allowed(app_client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("body, status, words", [
     ({"model": "mine"}, 400, "from"),
-    ({"model": "mine", "from": "relative/dir"}, 400, "absolute"),
+    ({"model": "mine", "from": "relative/dir"}, 404, "absolute directory"),
     ({"model": "mine", "from": "/no/such/dir"}, 400, "no such directory"),
     ({"model": "../evil", "from": "/tmp"}, 400, ""),
     ({"from": "/tmp"}, 400, "model"),

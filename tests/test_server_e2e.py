@@ -137,7 +137,7 @@ def test_bad_requests_keep_the_server_serving(server: ServerProcess, client: oll
     with server.client() as c:
         for body in ({"model": TINY, "prompt": "x", "options": {"temperature": -3}},
                      {"model": "../../etc/passwd", "prompt": "x"},
-                     {"model": TINY, "prompt": "x", "format": "json"}):
+                     {"model": TINY, "prompt": "x", "format": {"type": "object", "if": {}}}):
             r = c.post("/api/generate", json=body)
             assert r.status_code == 400, r.text
             assert r.json()["error"]

@@ -142,7 +142,7 @@ def test_resolve_unknown(store: ModelStore) -> None:
 
 HOSTILE: list[Any] = [
     "", " ", "..", "../x", "a/../b", "a/..", "./a", "a/./b", "/etc/passwd", "/abs", "a\\b", "..\\..\\x",
-    "a\x00b", "a\nb", "a\tb", "a\x7fb", "x" * 257, "a//b", "a/", "a:b", "a:1.0", "a:latest:latest",
+    "a\x00b", "a\nb", "a\tb", "a\x7fb", "x" * 257, "a//b", "a/", "a:", "a:.x", "a:-x", "a:b:c", "a:" + "t" * 129, "a:latest:latest",
     "C:\\Windows", "~/model", "$HOME/x", "a b", "mødel", ".hidden", "a/b/c/d",
     None, 3, ["a"], {"a": 1}, b"bytes",
 ]

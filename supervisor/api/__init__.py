@@ -5,5 +5,7 @@ supervisor.app assembles them. A family parses its request into a
 completion.CompletionRequest and renders the typed runner stream back;
 completion.py acquires the model, runs the runner stream and maps failures.
 Handlers raise supervisor.errors.CorralError subclasses, which errors.py
-renders in each family's shape. No module here imports supervisor.app.
+renders in each family's shape. Model management (pull, create) lives in
+manage.py; unsupported.py answers the routes those APIs define that corral
+does not serve (501). No module here imports supervisor.app.
 """

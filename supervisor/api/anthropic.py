@@ -1,4 +1,4 @@
-"""The Anthropic-compatible API: POST /v1/messages.
+"""The Anthropic-compatible API: POST /v1/messages and POST /v1/messages/count_tokens.
 
 Request fields, the streaming event sequence and the error object follow
 Anthropic's Messages API so the official `anthropic` client works unchanged.
@@ -16,7 +16,13 @@ Decisions of ours:
   template in the OpenAI-style shape HF templates expect; tool calls that come
   back become tool_use blocks (stop_reason "tool_use"). Images and documents
   are refused with a 400.
+- `tool_choice` {type: auto | any | tool | none}: "any" and "tool" force one
+  call by constrained decoding (arguments valid against its input_schema);
+  "none" hides the tools.
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
+- count_tokens renders the request with the model's chat template in its
+  runner (a completion of zero tokens through the one pipeline), so the count
+  is the prompt the model would really read.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from corral.supervisor.api.completion import (
     Collected,
     CompletionRequest,
     Started,
+    collect,
     new_id,
     respond,
     sse,
+    start,
 )
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import anthropic_body, error_response
 from corral.supervisor.api.fields import (
     bool_field,
+    forced_tool,
     keep_alive_field,
     model_field,
     read_json,
@@ -47,7 +56,7 @@ from corral.supervisor.api.fields import (
 from corral.supervisor.api.toolcalls import calls_from, tool_call_out
 from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 # ---- errors ----------------------------------------------------------------
@@ -158,6 +167,22 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}} for t in tools]
 
 
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> str | None:
+    """The runner's tool_choice: None (the model chooses), "required" (any) or a tool's name."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "none"):
+        return None
+    if kind == "any":
+        return forced_tool(tools, None, "tool_choice")
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return forced_tool(tools, choice["name"], "tool_choice")
+    raise BadRequest("tool_choice: must be {type: auto | any | none} or {type: tool, name}",
+                     param="tool_choice")
+
+
 def _max_tokens(body: dict[str, Any]) -> int:
     value = body.get("max_tokens")
     if value is None:
@@ -210,8 +235,14 @@ class MessageRequest:
         self.stream = bool_field(body, "stream")
         keep_alive = keep_alive_field(body)
         self.tools = _tools(body)
-        runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools)
-        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
+        choice = _tool_choice(body, self.tools)
+        runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools,
+                               tool_choice=choice)
+        given = {"num_predict", *(k for k in ("temperature", "top_p", "top_k") if body.get(k) is not None)}
+        if body.get("stop_sequences"):
+            given.add("stop")
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive,
+                                         options_set=frozenset(given))
         self.id = new_id("msg_")
 
     async def respond(self) -> Response:
@@ -321,5 +352,20 @@ async def messages(request: Request) -> Response:
         return render_error(e)
 
 
+async def count_tokens(request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        ctx: AppContext = request.app.state.ctx
+        model = _resolve_model(ctx, model_field(body))
+        # num_predict 0: the runner renders and counts the prompt, then stops before decoding.
+        runner = RunnerRequest(wire_options({"num_predict": 0}, {}), messages=_messages(body),
+                               tools=_tools(body))
+        answer = await collect(await start(ctx, CompletionRequest(model, runner)))
+        return JSONResponse({"input_tokens": answer.done.prompt_eval_count})
+    except CorralError as e:
+        return render_error(e)
+
+
 def routes(ctx: AppContext) -> list[BaseRoute]:
-    return [Route("/v1/messages", messages, methods=["POST"])]
+    return [Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]

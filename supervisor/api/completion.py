@@ -6,6 +6,9 @@ own shape; everything in between lives here:
 
 - acquire the model, pulling it first when it is not local and the server
   allows pulls of it (CORRAL_ALLOW_PULL);
+- apply what `/api/create` stored with the model's name (apply_model_defaults:
+  system prompt, conversation prefix, chat template, parameters), request
+  values winning over the model's, exactly once for every family;
 - start the runner stream and wait for its first event before answering, so a
   failure before the first byte becomes the family's HTTP error instead of a
   200 followed by an error event;
@@ -22,7 +25,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -31,6 +34,7 @@ from corral.supervisor import pull
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.errors import CorralError, ModelNotFound, RunnerFailed
 from corral.supervisor.scheduler import Lease
+from corral.supervisor.store import ModelDefaults, ModelRef
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -49,6 +53,8 @@ class CompletionRequest:
     runner: RunnerRequest
     keep_alive: float | None = None  # seconds (< 0 forever); None: the server default
     num_ctx: int | None = None  # None: the server default
+    # the option names the client set itself: the model's stored parameters do not override them
+    options_set: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +66,56 @@ class Collected:
     load_duration: float  # seconds this request waited for the model to load
 
 
-async def acquire(ctx: AppContext, name: str, *, keep_alive: float | None = None,
-                  num_ctx: int | None = None) -> Lease:
-    """A lease on `name`, pulling the model once if it is not local and pulls of it are allowed."""
+async def resolve(ctx: AppContext, name: str) -> ModelRef:
+    """The model `name` stands for, pulling it once if it is not local and pulls of it are allowed."""
     try:
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name),
-                                           keep_alive=keep_alive, num_ctx=num_ctx)
+        return await ctx.scheduler.resolve(name)
     except ModelNotFound:
         if not await pull.pull_if_allowed(ctx, name):
             raise
-        return await ctx.scheduler.acquire(await ctx.scheduler.resolve(name),
-                                           keep_alive=keep_alive, num_ctx=num_ctx)
+        return await ctx.scheduler.resolve(name)
+
+
+async def acquire(ctx: AppContext, name: str, *, keep_alive: float | None = None,
+                  num_ctx: int | None = None) -> Lease:
+    """A lease on `name` (see resolve), with the model's stored num_ctx unless one is given."""
+    ref = await resolve(ctx, name)
+    if num_ctx is None:
+        num_ctx = stored_num_ctx(ref.defaults)
+    return await ctx.scheduler.acquire(ref, keep_alive=keep_alive, num_ctx=num_ctx)
+
+
+def stored_num_ctx(defaults: ModelDefaults) -> int | None:
+    value = defaults.parameters.get("num_ctx")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def apply_model_defaults(request: CompletionRequest, defaults: ModelDefaults) -> CompletionRequest:
+    """`request` with what was created with the model's name, as Ollama applies a Modelfile.
+
+    Parameters fill the options the client did not set; the system prompt goes
+    first unless the conversation starts with its own; stored messages come
+    before the request's (after its system message); a stored template replaces
+    the tokenizer's chat template. A raw prompt gets the parameters only.
+    """
+    runner = request.runner
+    options = dict(runner.options)
+    for name, value in defaults.parameters.items():
+        if name != "num_ctx" and name not in request.options_set:
+            options[name] = value
+    messages = runner.messages
+    if messages is not None:
+        own_system = bool(messages) and messages[0].get("role") == "system"
+        rest = messages[1:] if own_system else messages
+        head = messages[:1] if own_system else []
+        if not own_system and defaults.system:
+            head = [{"role": "system", "content": defaults.system}]
+        messages = [*head, *(dict(m) for m in defaults.messages), *rest]
+    template = defaults.template if messages is not None else None
+    num_ctx = request.num_ctx if request.num_ctx is not None else stored_num_ctx(defaults)
+    return replace(request, num_ctx=num_ctx,
+                   runner=replace(runner, options=options, messages=messages,
+                                  template=template or runner.template))
 
 
 class Started:
@@ -139,7 +184,9 @@ async def start(ctx: AppContext, request: CompletionRequest) -> Started:
     Errors up to here (no such model, a runner refusing the request) raise, so
     they become the family's HTTP error; the lease is released on the way out.
     """
-    lease = await acquire(ctx, request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx)
+    ref = await resolve(ctx, request.model)
+    request = apply_model_defaults(request, ref.defaults)
+    lease = await ctx.scheduler.acquire(ref, keep_alive=request.keep_alive, num_ctx=request.num_ctx)
     stream = lease.completion(request.runner)
     try:
         first = await anext(stream)

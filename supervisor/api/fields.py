@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from corral.runner.protocol import (
+    TOOL_CHOICE_REQUIRED,
     BodyError,
     OptionError,
     json_object,
@@ -78,3 +79,27 @@ def wire_options(raw: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
             if f"'{opt}'" in message:
                 raise BadRequest(message.replace(f"option '{opt}'", f"'{param}'"), param=param) from None
         raise BadRequest(message) from None
+
+
+def format_field(value: Any, param: str = "format") -> str | dict[str, Any] | None:
+    """A structured-output request as the runner's `format`: "json" or a JSON schema
+    object (None or "" for free text). The runner refuses schemas it cannot enforce."""
+    if value is None or value == "":
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise BadRequest(f"'{param}' must be \"json\" or a JSON schema object", param=param)
+
+
+def forced_tool(tools: list[dict[str, Any]] | None, name: str | None, param: str) -> str:
+    """The runner's tool_choice for a forced call: "required" (name None) or a tool's
+    name, which must be one of `tools`; a forced call without tools is a 400."""
+    if not tools:
+        raise BadRequest(f"'{param}' requires a tool call but no tools were given", param=param)
+    if name is None:
+        return TOOL_CHOICE_REQUIRED
+    names = [str((t.get("function") or {}).get("name")) for t in tools]
+    if name not in names:
+        raise BadRequest(f"'{param}' names {name!r}, which is not among the tools "
+                         f"({', '.join(names)})", param=param)
+    return name

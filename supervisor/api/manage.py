@@ -5,8 +5,13 @@
 found before the stream starts (bad name, unknown repo, not an MLX model) are
 HTTP errors {"error": ...}; a failure during the download is an error line.
 
-/api/create registers a local directory under a name: {"model": NAME,
-"from": DIR}; the store checks the directory loads as an MLX model.
+/api/create registers a name: {"model": NAME, "from": MODEL_OR_DIR} plus
+Ollama's `system`, `template` (a Jinja chat template), `parameters`,
+`messages` and `license`, stored with the name and applied at request time
+by the completion pipeline. `from` is an existing model's name (its defaults
+are inherited) or an absolute directory, which the store checks loads as an
+MLX model. Fields corral cannot honour (quantize, adapters, files, ...) are a
+400, never a silent success.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from corral.runner.protocol import OPTION_NAMES, OptionError, options_to_wire, parse_options
 from corral.supervisor import pull as pulling
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.fields import model_field, read_json
-from corral.supervisor.errors import BadRequest, CorralError
+from corral.supervisor.api.ollama import jinja_template
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
+from corral.supervisor.store import ModelDefaults
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -61,8 +69,106 @@ async def pull(request: Request) -> Response:
         events = await pulling.pull_model(ctx, name)
         return JSONResponse(events[-1])
     # start_pull checks the repo first, so those failures get real HTTP statuses.
-    events_iter = await pulling.start_pull(pulling.hub_cache_dir(ctx), name)
+    events_iter = await pulling.start_pull(pulling.hub_cache_dir(ctx), name, pulling.library_of(ctx))
     return StreamingResponse(_ndjson(events_iter, str(name)), media_type=NDJSON)
+
+
+MAX_NUM_CTX = 10_000_000
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+# Ollama /api/create fields corral cannot honour: a 400, never a silent success.
+REFUSED_CREATE_FIELDS = {
+    "quantize": "quantizing is not supported by corral: pull an already quantized MLX model "
+                "(mlx-community publishes 4-bit and 8-bit conversions)",
+    "quantization": "quantizing is not supported by corral",
+    "adapters": "LoRA adapters are not supported by corral",
+    "files": "blob uploads are not supported by corral: 'from' names a model or an MLX model directory",
+    "modelfile": "a raw 'modelfile' is not supported: send its fields (from, system, template, "
+                 "parameters, messages, license), as `corral create NAME -f Modelfile` does",
+    "path": "'path' (a Modelfile on the server) is not supported: send the Modelfile's fields",
+    "renderer": "'renderer' is not supported by corral",
+    "parser": "'parser' is not supported by corral",
+}
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string", param=key)
+    return value
+
+
+def create_parameters(raw: Any) -> dict[str, Any]:
+    """Validated Modelfile parameters (Ollama option names) in the runner's wire form."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadRequest("'parameters' must be an object of option names to values", param="parameters")
+    unknown = sorted(k for k in raw if k not in OPTION_NAMES and k != "num_ctx")
+    if unknown:
+        raise BadRequest(f"parameter '{unknown[0]}' is not supported by corral (supported: "
+                         f"{', '.join(sorted([*OPTION_NAMES, 'num_ctx']))})", param="parameters")
+    out: dict[str, Any] = {}
+    num_ctx = raw.get("num_ctx")
+    if num_ctx is not None:
+        if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or not 1 <= num_ctx <= MAX_NUM_CTX:
+            raise BadRequest(f"parameter 'num_ctx' must be an integer between 1 and {MAX_NUM_CTX}",
+                             param="parameters")
+        out["num_ctx"] = num_ctx
+    options = {k: v for k, v in raw.items() if k != "num_ctx" and v is not None}
+    try:
+        wire = options_to_wire(parse_options(options))
+    except OptionError as e:
+        raise BadRequest(f"parameters: {e}", param="parameters") from None
+    out.update({k: wire[k] for k in options})
+    return out
+
+
+def create_messages(raw: Any) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BadRequest("'messages' must be a list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES or not isinstance(
+                m.get("content", ""), str):
+            raise BadRequest(f"messages[{i}] must be {{role: {'|'.join(MESSAGE_ROLES)}, content: string}}",
+                             param="messages")
+        if m.get("images"):
+            raise BadRequest(f"messages[{i}].images: images are not supported by corral", param="messages")
+        out.append({"role": m["role"], "content": m.get("content") or ""})
+    return tuple(out)
+
+
+def create_template(body: dict[str, Any]) -> str | None:
+    return jinja_template(body)
+
+
+def create_license(body: dict[str, Any]) -> str | None:
+    value = body.get("license")
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    if not isinstance(value, str):
+        raise BadRequest("'license' must be a string or a list of strings", param="license")
+    return value
+
+
+def create_defaults(body: dict[str, Any]) -> ModelDefaults:
+    """What /api/create stores with the name; BadRequest for anything corral would not honour."""
+    for key, why in REFUSED_CREATE_FIELDS.items():
+        if body.get(key) not in (None, "", [], {}):
+            raise BadRequest(why, param=key)
+    return ModelDefaults(system=_text(body, "system"), template=create_template(body),
+                         parameters=create_parameters(body.get("parameters")),
+                         messages=create_messages(body.get("messages")), license=create_license(body))
+
+
+def _is_directory(source: str) -> bool:
+    return source.startswith(("/", "~", "./", "../"))
 
 
 def model_roots(ctx: AppContext) -> list[Path]:
@@ -89,35 +195,45 @@ async def create(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
     name = model_field(body, "model", "name")
+    stream = _stream_flag(body)
+    defaults = create_defaults(body)
     source = body.get("from")
     if not isinstance(source, str) or not source.strip():
-        if body.get("modelfile") is not None or body.get("files") is not None:
-            raise BadRequest("only {\"model\": NAME, \"from\": DIRECTORY} is supported: "
-                             "Modelfiles and blob uploads are not", param="from")
-        raise BadRequest("missing 'from': the directory of an MLX model to register", param="from")
+        raise BadRequest("missing 'from': the name of a model or the directory of an MLX model",
+                         param="from")
+    source = source.strip()
     if len(source) > MAX_PATH_CHARS or "\x00" in source:
-        raise BadRequest(f"'from' must be a directory path of at most {MAX_PATH_CHARS} characters",
-                         param="from")
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        raise BadRequest(f"'from' must be an absolute directory path, got '{source}'", param="from")
-    if not await anyio.to_thread.run_sync(_allowed_dir, path, model_roots(ctx)):
-        # One text for "not there" and "not allowed": the answer must not tell which paths exist.
-        raise BadRequest(f"'from': no such directory under the model roots (CORRAL_MODELS_DIRS): {source}",
-                         param="from")
-    try:
-        ref = await anyio.to_thread.run_sync(ctx.store.register, name, path)
-    except CorralError:
-        raise
-    except ValueError as e:  # ManifestError: not a loadable model
-        raise BadRequest(f"'{source}' is not an MLX model: {e}", param="from") from None
-    except OSError as e:  # unreadable files inside the directory
-        raise BadRequest(f"'{source}' cannot be read: {e.strerror or e}", param="from") from None
-    stream = body.get("stream", True)
+        raise BadRequest(f"'from' must be a model name or a directory path of at most {MAX_PATH_CHARS} "
+                         "characters", param="from")
+    if _is_directory(source):
+        path = Path(source).expanduser()
+        if not path.is_absolute():
+            raise BadRequest(f"'from' must be a model name or an absolute directory path, got '{source}'",
+                             param="from")
+        if not await anyio.to_thread.run_sync(_allowed_dir, path, model_roots(ctx)):
+            # One text for "not there" and "not allowed": the answer must not tell which paths exist.
+            raise BadRequest(f"'from': no such directory under the model roots (CORRAL_MODELS_DIRS): "
+                             f"{source}", param="from")
+        try:
+            ref = await anyio.to_thread.run_sync(ctx.store.register, name, path, defaults)
+        except CorralError:
+            raise
+        except ValueError as e:  # ManifestError: not a loadable model
+            raise BadRequest(f"'{source}' is not an MLX model: {e}", param="from") from None
+        except OSError as e:  # unreadable files inside the directory
+            raise BadRequest(f"'{source}' cannot be read: {e.strerror or e}", param="from") from None
+    else:
+        try:
+            ref = await anyio.to_thread.run_sync(ctx.store.create, name, source, defaults)
+        except ModelNotFound:
+            raise ModelNotFound(source, f"'from': model '{source}' not found (give a model name or "
+                                        "an absolute directory path)") from None
+    # A loaded runner under this name was started with the old defaults' num_ctx: unload it.
+    await ctx.scheduler.unload(ref.name)
     done = {"status": "success", "model": ref.name}
-    if stream is False:
+    if not stream:
         return JSONResponse(done)
-    lines = [{"status": "parsing model directory"}, {"status": "writing manifest"}, done]
+    lines = [{"status": f"using model {ref.parent or source}"}, {"status": "writing manifest"}, done]
     return Response("".join(json.dumps(x) + "\n" for x in lines), media_type=NDJSON)
 
 

@@ -6,10 +6,18 @@ Decisions of ours:
 - /api/generate applies the model's chat template unless `raw` is true (as
   Ollama does): the prompt becomes a user message, `system` a system message,
   and the runner renders them. With `raw` the prompt goes to the model as is.
-- Model names are listed with Ollama's ":latest" tag ("org/repo:latest");
-  requests may carry it or not.
+- Names follow Ollama's rules (`[host/][namespace/]name[:tag]`, any tag,
+  case-insensitive); every name is listed with its tag, a Hub repo as
+  "org/repo:latest".
+- What /api/create stored with a name (system, template, parameters,
+  messages, license) is applied by the completion pipeline and reported by
+  /api/show; `capabilities` are decided in one function (capabilities()).
 - A model kept forever reports expires_at 9999-12-31T23:59:59Z.
-- `format`, `images` and `suffix` are not supported: 400, never silently ignored.
+- `format` ("json" or a JSON schema) is enforced by constrained decoding in
+  the runner: the answer is one JSON value that validates, ending "stop"
+  (or "length" when num_predict comes first). A schema keyword it cannot
+  enforce is a 400 naming it.
+- `images` and `suffix` are not supported: 400, never silently ignored.
 - Tool calls: the runner parses them when the tokenizer knows the model's
   markup (they arrive on its done line); as a fallback, when `tools` are given,
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -31,6 +40,7 @@ import corral.supervisor as supervisor
 from corral.runner.embed_spec import KIND_EMBEDDING
 from corral.runner.protocol import (
     NDJSON,
+    OPTION_NAMES,
     Done,
     OptionError,
     RunnerRequest,
@@ -42,6 +52,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import ollama_body
 from corral.supervisor.api.fields import (
     bool_field,
+    format_field,
     keep_alive_field,
     model_field,
     read_json,
@@ -52,12 +63,14 @@ from corral.supervisor.config import apply_patch, settings_to_json
 from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.scheduler import LoadedModel
-from corral.supervisor.store import ModelRef
+from corral.supervisor.store import ModelRef, tagged_name
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 FOREVER_RFC3339 = "9999-12-31T23:59:59Z"
+# Go template syntax: Ollama's TEMPLATE language, which corral cannot execute.
+GO_TEMPLATE = re.compile(r"\{\{-?\s*(\.|range\b|if\s+\.|end\b)")
 MAX_NUM_CTX = 10_000_000
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -72,7 +85,7 @@ def rfc3339(ts: float | None = None) -> str:
 
 def tagged(name: str) -> str:
     """Ollama shows every model with a tag."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+    return tagged_name(name)
 
 
 def _sampling(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -91,10 +104,23 @@ def _sampling(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
     return options_to_wire(opts), num_ctx
 
 
+def options_given(raw: Any) -> frozenset[str]:
+    """The options a request set itself (the model's stored parameters fill the rest)."""
+    if not isinstance(raw, dict):
+        return frozenset()
+    return frozenset(k for k, v in raw.items() if v is not None and k in OPTION_NAMES)
+
+
+def jinja_template(body: dict[str, Any]) -> str | None:
+    """/api/generate's `template`: a Jinja chat template used for this request (Go templates: 400)."""
+    template = str_field(body, "template")
+    if template and GO_TEMPLATE.search(template):
+        raise BadRequest("'template' is a Go template (Ollama's TEMPLATE language), which corral cannot "
+                         "run: give a Jinja chat template as in tokenizer_config.json", param="template")
+    return template or None
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise BadRequest("'format' (structured output) is not supported by this server", param="format")
     if body.get("images"):
         raise BadRequest("images are not supported: corral serves text-only models", param="images")
     if body.get("suffix"):
@@ -161,22 +187,27 @@ class Generation:
         _refuse_unsupported(body)
         keep_alive = keep_alive_field(body)
         options, num_ctx = _sampling(body)
+        fmt = format_field(body.get("format"))
         self.tools = _tools(body) if chat else None
         if chat:
             messages = _messages(body)
             self.empty = not messages
-            runner = RunnerRequest(options, messages=messages, tools=self.tools)
+            runner = RunnerRequest(options, messages=messages, tools=self.tools, format=fmt)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
             self.empty = prompt == ""
+            if body.get("context"):
+                raise BadRequest("'context' (Ollama's deprecated token context) is not supported by "
+                                 "corral: send the conversation as /api/chat messages", param="context")
             if bool_field(body, "raw", False):
-                runner = RunnerRequest(options, prompt=prompt)
+                runner = RunnerRequest(options, prompt=prompt, format=fmt)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns)
-        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx)
+                runner = RunnerRequest(options, messages=turns, template=jinja_template(body), format=fmt)
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx,
+                                         options_set=options_given(body.get("options")))
         self.ctx = ctx
 
     def line(self, content: str, *, done: bool, calls: list[dict[str, Any]] | None = None,
@@ -286,12 +317,12 @@ async def chat(request: Request) -> Response:
 # ---- listing and details -------------------------------------------------
 
 
-def details(manifest: Manifest | None) -> dict[str, Any]:
+def details(manifest: Manifest | None, parent: str = "") -> dict[str, Any]:
     if manifest is None:
-        return {"parent_model": "", "format": "safetensors", "family": "", "families": None,
+        return {"parent_model": parent, "format": "safetensors", "family": "", "families": None,
                 "parameter_size": "", "quantization_level": ""}
     return {
-        "parent_model": "",
+        "parent_model": parent,
         "format": "safetensors",
         "family": manifest.family,
         "families": [manifest.family],
@@ -319,7 +350,7 @@ async def tags(request: Request) -> Response:
             "modified_at": rfc3339(ref.modified_at),
             "size": ref.size,
             "digest": ref.digest,
-            "details": details(manifest),
+            "details": details(manifest, ref.parent),
         })
     return JSONResponse({"models": models})
 
@@ -330,7 +361,7 @@ def ps_row(m: LoadedModel) -> dict[str, Any]:
         "model": tagged(m.name),
         "size": m.size,
         "digest": m.ref.digest,
-        "details": details(m.manifest),
+        "details": details(m.manifest, m.ref.parent),
         "expires_at": FOREVER_RFC3339 if m.expires_at is None else rfc3339(m.expires_at),
         "size_vram": m.size_vram,
         "context_length": m.context_length,
@@ -387,8 +418,20 @@ def license_text(model_dir: Path) -> str | None:
     return None
 
 
-def parameters_text(model_dir: Path) -> str:
-    """Ollama's `parameters`: one "name value" per line, from generation_config and the eos token."""
+def _param_line(name: str, value: Any) -> str:
+    shown = json.dumps(value) if isinstance(value, str) else value
+    return f"{name:<15}{shown}"
+
+
+def parameters_text(model_dir: Path, stored: dict[str, Any] | None = None) -> str:
+    """Ollama's `parameters`: one "name value" per line: what /api/create stored, else the
+    model's generation_config and eos token."""
+    if stored:
+        lines: list[str] = []
+        for name, value in stored.items():
+            values = value if isinstance(value, list) else [value]
+            lines.extend(_param_line(name, v) for v in values)
+        return "\n".join(lines)
     gen = _read_json_file(model_dir / "generation_config.json")
     tok = _read_json_file(model_dir / "tokenizer_config.json")
     lines = []
@@ -400,64 +443,111 @@ def parameters_text(model_dir: Path) -> str:
     if isinstance(eos, dict):
         eos = eos.get("content")
     if isinstance(eos, str) and eos:
-        lines.append(f"{'stop':<15}{json.dumps(eos)}")
+        lines.append(_param_line("stop", eos))
     return "\n".join(lines)
 
 
-def model_info(manifest: Manifest, config: dict[str, Any]) -> dict[str, Any]:
+# Markers in a chat template or tokenizer that say what the model can do.
+_THINKING_MARKERS = ("enable_thinking", "<think>", "reasoning_content", "thinking")
+_FIM_MARKERS = ("<|fim_prefix|>", "<fim_prefix>", "<PRE>", "<|fim_begin|>", "<｜fim▁begin｜>")
+# corral refuses `suffix` and images with a 400: a model able to fill in the
+# middle or read images must not be advertised as such to clients.
+NOT_SERVED = frozenset({"insert", "vision"})
+
+
+def capabilities(model_dir: Path, template: str, kind: str | None = None) -> list[str]:
+    """The one place that decides a model's Ollama `capabilities`, from its type and template.
+
+    `kind` is the manifest's model kind where it has one ("embedding" models
+    only embed); otherwise a model completes text, with tools / thinking when
+    its chat template takes them.
+    """
+    if kind == KIND_EMBEDDING:
+        return ["embedding"]
+    found = ["completion"]
+    if "tools" in template:
+        found.append("tools")
+    if any(marker in template for marker in _THINKING_MARKERS):
+        found.append("thinking")
+    tokenizer_text = _read_text(model_dir / "tokenizer_config.json") or ""
+    if any(marker in tokenizer_text for marker in _FIM_MARKERS):
+        found.append("insert")
+    config = _read_json_file(model_dir / "config.json")
+    if "vision_config" in config or (model_dir / "preprocessor_config.json").is_file():
+        found.append("vision")
+    return [c for c in found if c not in NOT_SERVED]
+
+
+def model_info(manifest: Manifest, config: dict[str, Any], name: str = "") -> dict[str, Any]:
+    """Ollama's `model_info`: `general.*` keys and `<architecture>.*` keys (GGUF's names)."""
     arch = manifest.model_type
     info: dict[str, Any] = {
         "general.architecture": arch,
         "general.parameter_count": manifest.parameter_count,
         "general.file_type": manifest.quantization_level,
+        "general.size_label": manifest.parameter_size,
         f"{arch}.context_length": manifest.max_context,
         f"{arch}.block_count": manifest.num_layers,
         f"{arch}.attention.head_count_kv": manifest.kv_heads,
         f"{arch}.attention.key_length": manifest.head_dim,
+        f"{arch}.attention.value_length": manifest.head_dim,
     }
-    for key, name in (("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),
+    if name:
+        info["general.basename"] = name.rsplit("/", 1)[-1].partition(":")[0]
+    for key, gguf in (("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),
                       ("intermediate_size", "feed_forward_length"), ("vocab_size", "vocab_size"),
-                      ("rope_theta", "rope.freq_base")):
-        if isinstance(config.get(key), (int, float)):
-            info[f"{arch}.{name}"] = config[key]
+                      ("rope_theta", "rope.freq_base"),
+                      ("rms_norm_eps", "attention.layer_norm_rms_epsilon")):
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+            info[f"{arch}.{gguf}"] = config[key]
     if manifest.quant_bits:
         info["general.quantization_bits"] = manifest.quant_bits
         info["general.quantization_group_size"] = manifest.quant_group_size
     return info
 
 
+def _quoted(text: str) -> str:
+    return f'"""{text}"""'
+
+
 def modelfile(ref: ModelRef, template: str, params: str, license: str | None) -> str:
-    parts = [f"# Modelfile generated by corral\n# To build a new model from this one, use:\n"
-             f"#   corral create NEW_NAME --from {ref.path}\n", f"FROM {ref.path}\n"]
+    """The Modelfile that recreates this model with `corral create NAME -f Modelfile`."""
+    source = ref.parent or str(ref.path)
+    parts = ["# Modelfile generated by corral\n# To build a new model from this one, use:\n"
+             "#   corral create NEW_NAME -f Modelfile\n", f"FROM {source}\n"]
     if template:
-        parts.append(f'TEMPLATE """{template}"""\n')
+        parts.append(f"TEMPLATE {_quoted(template)}\n")
+    if ref.defaults.system is not None:
+        parts.append(f"SYSTEM {_quoted(ref.defaults.system)}\n")
     for line in params.splitlines():
         name, _, value = line.partition(" ")
         parts.append(f"PARAMETER {name} {value.strip()}\n")
+    for m in ref.defaults.messages:
+        parts.append(f"MESSAGE {m.get('role')} {_quoted(str(m.get('content', '')))}\n")
     if license:
-        parts.append(f'LICENSE """{license}"""\n')
+        parts.append(f"LICENSE {_quoted(license)}\n")
     return "".join(parts)
 
 
 def show_payload(ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
-    template = chat_template(ref.path)
-    params = parameters_text(ref.path)
-    lic = license_text(ref.path)
+    stored = ref.defaults
+    template = stored.template or chat_template(ref.path)
+    params = parameters_text(ref.path, stored.parameters)
+    lic = stored.license if stored.license is not None else license_text(ref.path)
     config = _read_json_file(ref.path / "config.json")
-    capabilities = ["completion"]
-    if "tools" in template:
-        capabilities.append("tools")
-    if manifest.kind == KIND_EMBEDDING:
-        capabilities = ["embedding"]
     out: dict[str, Any] = {
         "modelfile": modelfile(ref, template, params, lic),
         "parameters": params,
         "template": template,
-        "details": details(manifest),
-        "model_info": model_info(manifest, config),
-        "capabilities": capabilities,
+        "details": details(manifest, ref.parent),
+        "model_info": model_info(manifest, config, ref.name),
+        "capabilities": capabilities(ref.path, template, manifest.kind),
         "modified_at": rfc3339(ref.modified_at),
     }
+    if stored.system is not None:
+        out["system"] = stored.system
+    if stored.messages:
+        out["messages"] = [dict(m) for m in stored.messages]
     if lic is not None:
         out["license"] = lic
     return out

@@ -8,8 +8,13 @@ official `openai` client works unchanged. Decisions of ours:
 - CORRAL_DEFAULT_MODEL does NOT apply here: OpenAI clients name models they
   saw in /v1/models, so an unknown name is a mistake and gets a 404. (The
   Anthropic route maps unknown names, because its SDKs send `claude-*`.)
-- `n` other than 1 and `response_format` json_object/json_schema are refused
-  with a 400 rather than silently ignored.
+- `n` other than 1 is refused with a 400 rather than silently ignored.
+- `response_format` json_object / json_schema is enforced by constrained
+  decoding in the runner (whether or not `strict` is set): the content is one
+  JSON object / one value valid against the schema.
+- `tool_choice`: "none" hides the tools, "auto" lets the model choose,
+  "required" and {"type": "function", "function": {"name"}} force one call
+  (grammar-constrained, arguments valid against the tool's parameters).
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
 - Tool calls come from the runner's done line (`tool_calls`) or from
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
@@ -39,6 +44,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import error_response, openai_body
 from corral.supervisor.api.fields import (
     bool_field,
+    forced_tool,
     keep_alive_field,
     model_field,
     read_json,
@@ -69,6 +75,16 @@ _PARAMS = {
 }
 
 
+def _given(body: dict[str, Any]) -> frozenset[str]:
+    """The options the client set itself (a model's stored parameters fill the rest)."""
+    given = {opt for opt, f in _PARAMS.items() if body.get(f) is not None}
+    if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
+        given.add("num_predict")
+    if body.get("top_k") is not None:
+        given.add("top_k")
+    return frozenset(given)
+
+
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """OpenAI sampling fields as runner options. OpenAI's defaults (temperature 1,
     top_p 1, no top_k or repeat penalty) replace Ollama's where the client says nothing."""
@@ -93,17 +109,39 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return wire_options(raw, params)
 
 
-def _response_format(body: dict[str, Any]) -> None:
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The runner's `format` for response_format: None (text), an object, or the given schema."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise BadRequest(f"response_format '{kind}' is not supported by this server (output is not "
-                         "constrained); use {\"type\": \"text\"}", param="response_format")
-    raise BadRequest("'response_format' must be an object with type 'text'", param="response_format")
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format json_schema needs json_schema.schema (an object)",
+                             param="response_format")
+        return schema
+    raise BadRequest("'response_format' must be an object with type 'text', 'json_object' or "
+                     "'json_schema'", param="response_format")
+
+
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> str | None:
+    """The runner's tool_choice: None (the model chooses), "required" or a function name."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none"):
+        return None
+    if choice == "required":
+        return forced_tool(tools, None, "tool_choice")
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        return forced_tool(tools, fn["name"], "tool_choice")
+    raise BadRequest("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                     "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -239,14 +277,20 @@ class Completion:
         self.stream = bool_field(body, "stream")
         self.include_usage = _include_usage(body) if self.stream else False
         keep_alive = keep_alive_field(body)
-        _response_format(body)
+        fmt = _response_format(body)
         if chat and body.get("logprobs"):
             raise BadRequest("'logprobs' is not supported", param="logprobs")
         self.tools = _tools(body) if chat else None
+        choice = _tool_choice(body, self.tools) if chat else None
+        if choice is not None and fmt is not None:
+            raise BadRequest("a forced tool call and response_format json cannot be combined",
+                             param="tool_choice")
         options = _sampling(body)
-        runner = (RunnerRequest(options, messages=_messages(body), tools=self.tools) if chat
-                  else RunnerRequest(options, prompt=_prompt(body)))
-        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive)
+        runner = (RunnerRequest(options, messages=_messages(body), tools=self.tools, format=fmt,
+                                tool_choice=choice) if chat
+                  else RunnerRequest(options, prompt=_prompt(body), format=fmt))
+        self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive,
+                                         options_set=_given(body))
         self.id = new_id("chatcmpl-" if chat else "cmpl-")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"

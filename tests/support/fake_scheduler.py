@@ -26,11 +26,12 @@ from typing import Any, cast
 from corral.runner.protocol import RunnerRequest, chunk_line, done_line, error_line
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.config import Settings
-from corral.supervisor.errors import CorralError, InvalidModelName, ModelNotFound
+from corral.supervisor.errors import CorralError, ModelNotFound
 from corral.supervisor.manifest import Manifest
+from corral.supervisor.names import display_name, normalize_name, tagged_name
 from corral.supervisor.runner_client import StreamEvent, event_from_line
 from corral.supervisor.scheduler import LoadedModel
-from corral.supervisor.store import ModelRef
+from corral.supervisor.store import ModelDefaults, ModelRef
 
 
 def fake_context(store: FakeStore, scheduler: FakeScheduler, settings: Settings) -> AppContext:
@@ -65,17 +66,8 @@ def fake_manifest(**overrides: Any) -> Manifest:
 
 
 def _validate(name: object) -> str:
-    """A small stand-in for store.normalize_name: the same refusals, same exceptions."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidModelName("model name must be a non-empty string")
-    if len(name) > 256 or ".." in name or name.startswith("/") or "\\" in name:
-        raise InvalidModelName(f"invalid model name {name[:80]!r}")
-    if any(ord(c) < 32 for c in name):
-        raise InvalidModelName("model name contains control characters")
-    base, _, tag = name.partition(":")
-    if tag and tag != "latest":
-        raise InvalidModelName(f"invalid model name {name[:80]!r}: only the tag ':latest' exists")
-    return base.lower()
+    """The real store's name rules (pure: no file access)."""
+    return normalize_name(name)
 
 
 class FakeStore:
@@ -109,14 +101,21 @@ class FakeStore:
     def manifest(self, ref: ModelRef) -> Manifest:
         return self.manifests.get(ref.name.lower()) or fake_manifest()
 
-    def register(self, name: str, path: Path) -> ModelRef:
-        ref = ModelRef(name=name, path=path, source="local", digest="0" * 40,
-                       modified_at=time.time(), size=0)
+    def register(self, name: str, path: Path, defaults: ModelDefaults | None = None) -> ModelRef:
+        ref = ModelRef(name=display_name(name), path=path, source="local", digest="0" * 40,
+                       modified_at=time.time(), size=0, defaults=defaults or ModelDefaults())
+        self.refs[_validate(name)] = ref
+        return ref
+
+    def create(self, name: str, source: str, defaults: ModelDefaults) -> ModelRef:
+        base = self.resolve(source)
+        ref = replace(base, name=display_name(name), source="local", defaults=defaults.over(base.defaults),
+                      parent=tagged_name(base.name))
         self.refs[_validate(name)] = ref
         return ref
 
     def copy(self, src: str, dst: str) -> ModelRef:
-        ref = replace(self.resolve(src), name=dst, source="local")
+        ref = replace(self.resolve(src), name=display_name(dst), source="local")
         self.refs[_validate(dst)] = ref
         return ref
 
