@@ -195,3 +195,48 @@ async def test_full_disk_runner_keeps_serving_and_stops_in_bounded_time(
         await p.stop()
         assert time.monotonic() - started < p.stop_grace + 6
     assert gone(p.pid)
+
+
+# ---- a loaded model whose files are gone (item 6) -----------------------------
+
+
+@pytest.mark.parametrize("how", ["delete", "stop"])
+async def test_loaded_model_with_files_gone_can_be_stopped_and_deleted(
+        tiny_model: Path, hf_cache: Path, tmp_path: Path, how: str) -> None:
+    import shutil
+
+    import httpx2
+    from corral.supervisor.api.context import AppContext
+    from corral.supervisor.app import create_app
+
+    copy = tmp_path / "models" / "doomed"
+    shutil.copytree(tiny_model, copy)
+    settings = Settings(home=tmp_path / "home", context_length=CTX, num_parallel=1, reserve=0,
+                        load_timeout=180.0, keep_alive=-1, models_dirs=[tmp_path])
+    store = ModelStore(settings.home, hf_cache)
+    s = Scheduler(settings, store, runner_factory=PlainFactory(default_runner_factory))
+    app = create_app(AppContext(settings=settings, store=store, scheduler=s))
+    await s.start()
+    try:
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://127.0.0.1",
+                                      timeout=180) as c:
+            r = await c.post("/api/create", json={"model": "doomed", "from": str(copy), "stream": False})
+            assert r.status_code == 200, r.text
+            r = await c.post("/api/generate", json={"model": "doomed", "prompt": "hi", "stream": False,
+                                                    "options": {"num_predict": 2}})
+            assert r.status_code == 200, r.text
+            pid = s.loaded()[0].pid
+            shutil.rmtree(copy)  # the disk changed under a loaded model
+            if how == "stop":
+                r = await c.post("/api/generate", json={"model": "doomed", "keep_alive": 0})
+            else:
+                r = await c.request("DELETE", "/api/delete", json={"model": "doomed"})
+            assert r.status_code == 200, r.text
+            assert await wait_for(lambda: s.loaded() == [] and gone(pid))
+            if how == "delete":
+                assert "doomed" not in [m["name"].split(":")[0] for m in (await c.get("/api/tags")).json()["models"]]
+            # nothing loaded and nothing registered under the name: a plain 404 again
+            again = await c.request("DELETE", "/api/delete", json={"model": "never-there"})
+            assert again.status_code == 404
+    finally:
+        await s.shutdown()
