@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import psutil
+from corral.runner.device import device_facts
 from corral.runner.engine import Engine, Event, Sequence
 from corral.runner.grammar import (
     GrammarCache,
@@ -109,6 +110,7 @@ class RunnerApp:
         self.draining = False
         self.streams = 0
         self._max_token_bytes: int | None = None
+        self.device_facts = device_facts()
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
         self.grammars = GrammarCache(self.tokenizer)
@@ -149,6 +151,7 @@ class RunnerApp:
             "active": self.engine.active_count,
             "queued": self.engine.queued_count,
             "device": self.device,
+            "device_facts": self.device_facts,
             "memory": {
                 "active": mx.get_active_memory(),
                 "cache": mx.get_cache_memory(),

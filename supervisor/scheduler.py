@@ -74,6 +74,7 @@ from corral.supervisor.memory import (
     MemoryProbe,
     NeedEstimate,
     SystemMemoryProbe,
+    device_limit,
     estimate_need,
     footprint,
 )
@@ -661,9 +662,18 @@ class Scheduler:
             ctx = min(ctx, manifest.max_context)
         return max(1, int(ctx)), max(1, int(self.settings.num_parallel))
 
+    def memory_limit(self) -> tuple[int, str]:
+        """The limit loads are fitted under and where it came from: the setting, else what
+        the device a runner reported can hold (device_limit), else physical memory."""
+        if self.settings.memory_limit:
+            return int(self.settings.memory_limit), "memory_limit setting"
+        facts = next((e.status.get("device_facts") for e in self._table.values()
+                      if isinstance(e.status.get("device_facts"), dict)), None)
+        return device_limit(facts, self.probe.total())
+
     def _snapshot(self, head: _Ticket, need: int) -> policy.Snapshot:
         s = self.settings
-        limit = s.memory_limit if s.memory_limit else self.probe.total()
+        limit, _ = self.memory_limit()
         return policy.Snapshot(
             loaded=tuple(self._resident(e) for e in self._table.values()), name=head.key, need=need,
             limit=int(limit), available=int(self.probe.available()), reserve=int(s.reserve),

@@ -240,3 +240,18 @@ async def test_loaded_model_with_files_gone_can_be_stopped_and_deleted(
             assert again.status_code == 404
     finally:
         await s.shutdown()
+
+
+async def test_scheduler_limit_follows_the_runners_device_report(
+        sched: tuple[Scheduler, list[RunnerProcess]]) -> None:
+    s, _ = sched
+    s.settings.memory_limit = None
+    async with await s.acquire(await s.resolve(TINY)):
+        pass
+    await asyncio.sleep(0)
+    limit, source = s.memory_limit()
+    # this machine's runner reports its device; on the Linux CPU backend that is RAM
+    assert source in ("physical memory", "metal recommended working set", "cuda device memory")
+    assert limit > 0
+    s.settings.memory_limit = 123
+    assert s.memory_limit() == (123, "memory_limit setting")

@@ -607,7 +607,10 @@ async def root(request: Request) -> Response:
 
 async def get_settings(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    return JSONResponse(settings_to_json(ctx.settings))
+    shown = settings_to_json(ctx.settings)
+    # what loads are fitted under now, and why (the setting, the device's report, or RAM)
+    shown["memory_limit_effective"], shown["memory_limit_source"] = ctx.scheduler.memory_limit()
+    return JSONResponse(shown)
 
 
 async def patch_settings(request: Request) -> Response:
