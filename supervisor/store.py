@@ -237,6 +237,14 @@ class _HubEntry:
     commit: str
 
 
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ModelStore:
     def __init__(self, home: Path, hf_cache: Path | None = None) -> None:
         self.home = Path(home).expanduser()
@@ -245,6 +253,7 @@ class ModelStore:
         self._lock = threading.RLock()
         # path -> (file identity, manifest); see manifest()
         self._manifests: dict[Path, tuple[tuple[Any, ...], Manifest]] = {}
+        self._resolved: dict[str, tuple[tuple[Any, ...], ModelRef]] = {}
         # Ollama library names -> Hub repo ids (read once; config.toml's [library] over the shipped table)
         self.library = load_library(self.home)
 
@@ -266,8 +275,27 @@ class ModelStore:
 
         Registered names first, then Hub repos (only as `repo` / `repo:latest`),
         then Ollama library names whose mapped repo is in the cache.
+
+        Every request resolves its model, and a full resolve lists the hub
+        cache and reads the registry and the model's files; so an answer is
+        kept until a stat of the files it came from says anything changed.
         """
         key = normalize_name(name)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] == self._resolve_stamp(hit[1]):
+            return hit[1]
+        ref = self._resolve(name, key)
+        self._resolved[key] = (self._resolve_stamp(ref), ref)
+        return ref
+
+    def _resolve_stamp(self, ref: ModelRef) -> tuple[Any, ...]:
+        """What a resolved name depends on: the registry, the cache's list of repos,
+        the model's directory and config, and the repo's refs/main."""
+        paths = (self.registry_path, self.hf_cache, ref.path, ref.path / "config.json",
+                 ref.path.parent.parent / "refs" / "main")
+        return tuple(_stat_key(p) for p in paths)
+
+    def _resolve(self, name: str, key: str) -> ModelRef:
         rec = self._registry().get(key)
         if rec is not None:
             ref = self._local_ref(rec)
@@ -382,6 +410,7 @@ class ModelStore:
             raise BadRequest(f"refusing to delete {entry.root}: outside the hub cache")
         shutil.rmtree(entry.root)
         self._manifests.pop(entry.snapshot, None)
+        self._resolved.clear()
 
     # -- the hub cache --------------------------------------------------------
 
@@ -466,6 +495,7 @@ class ModelStore:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"version": 1, "models": reg}, f, indent=2, sort_keys=True)
             os.replace(tmp, self.registry_path)
+            self._resolved.clear()
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

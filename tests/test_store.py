@@ -262,6 +262,21 @@ def test_delete_hub_entry_removes_its_directory(tmp_path: Path) -> None:
         s.delete("org/keep")  # not a model: never removed
 
 
+def test_resolve_answers_from_cache_until_the_files_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hub"
+    make_hf_model(cache, "org/kept")
+    s = ModelStore(tmp_path / "home", hf_cache=cache)
+    first = s.resolve("org/kept")
+    calls: list[str] = []
+    real = s._resolve
+    monkeypatch.setattr(s, "_resolve", lambda name, key: calls.append(name) or real(name, key))
+    assert s.resolve("ORG/kept:latest") == first and calls == []  # no listing, no reads
+    (first.path / "config.json").unlink()  # the model's files change under it
+    with pytest.raises(ModelNotFound):
+        s.resolve("org/kept")
+    assert calls == ["org/kept"]
+
+
 # --- manifest cache -------------------------------------------------------------------
 
 
