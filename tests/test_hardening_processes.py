@@ -255,3 +255,24 @@ async def test_scheduler_limit_follows_the_runners_device_report(
     assert limit > 0
     s.settings.memory_limit = 123
     assert s.memory_limit() == (123, "memory_limit setting")
+
+
+async def test_overlong_prompt_is_handled_before_tokenizing(hf_cache: Path, tmp_path: Path) -> None:
+    """Item 7: 8 MiB of prompt is refused at once without truncation, and cut to its tail with it."""
+    ref = ModelStore(tmp_path / "home", hf_cache).resolve(TINY)
+    p = RunnerProcess(ref.name, ref.path, home=tmp_path / "home", num_ctx=CTX, num_parallel=1)
+    await p.start(180.0)
+    try:
+        http = p.client._http  # type: ignore[attr-defined]
+        prompt = "lorem ipsum dolor sit amet " * (8 * 2**20 // 27)
+        started = time.monotonic()
+        r = await http.post("/completion", json={"prompt": prompt, "truncate": False,
+                                                 "options": {"num_predict": 2}}, timeout=120)
+        refused_in = time.monotonic() - started
+        assert r.status_code == 400 and "truncate is false" in r.json()["error"]
+        started = time.monotonic()
+        r = await http.post("/completion", json={"prompt": prompt, "options": {"num_predict": 2}}, timeout=120)
+        assert r.status_code == 200 and '"done": true' in r.text.replace('"done":true', '"done": true')
+        assert refused_in < 5.0 and time.monotonic() - started < 30.0
+    finally:
+        await p.stop()
