@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,12 +381,15 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise BodyError("request body is empty; expected a JSON object")
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also integers too long to convert
         raise BodyError(f"malformed JSON body: {e}") from None
     except RecursionError:
         raise BodyError("malformed JSON body: nested too deeply") from None
     if not isinstance(value, dict):
         raise BodyError(f"request body must be a JSON object, got {type(value).__name__}")
+    # A \uXXXX escape may decode to a lone surrogate, which no later step can encode.
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        raise BodyError("malformed JSON body: a string holds a lone surrogate (\\ud800-\\udfff)")
     return value
 
 
@@ -440,3 +444,20 @@ def kv_dir_name(model_dir: str) -> str:
     if path.parent.name == "snapshots" and path.name:
         return path.name
     return hashlib.sha256(str(path).encode()).hexdigest()
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False

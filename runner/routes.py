@@ -28,6 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 import psutil
+from corral.runner.device import device_facts
 from corral.runner.engine import Engine, Event, Sequence
 from corral.runner.grammar import (
     GrammarCache,
@@ -139,6 +140,8 @@ class RunnerApp:
         self.token = token
         self.draining = False
         self.streams = 0
+        self._max_token_bytes: int | None = None
+        self.device_facts = device_facts()
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
         self.grammars = GrammarCache(self.tokenizer)
@@ -179,6 +182,7 @@ class RunnerApp:
             "active": self.engine.active_count,
             "queued": self.engine.queued_count,
             "device": self.device,
+            "device_facts": self.device_facts,
             "memory": {
                 "active": mx.get_active_memory(),
                 "cache": mx.get_cache_memory(),
@@ -236,6 +240,7 @@ class RunnerApp:
             body = await _json_object(request)
             options = parse_options(body.get("options"))
             want = _Wanted.of(body)
+            self._bound_prompt_bytes(body, want.truncate)
             prompt, tools, opened = self._prompt_tokens(body, want, options.num_predict)
             grammar = await self._grammar(body, tools)
         except (BadInput, OptionError, GrammarError) as e:
@@ -260,6 +265,32 @@ class RunnerApp:
         return StreamingResponse(self._stream(seq, splitter, thinking), media_type=NDJSON)
 
     # -- helpers ------------------------------------------------------------
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one vocabulary entry spells (an upper bound per token)."""
+        if self._max_token_bytes is None:
+            longest = max((len(t.encode("utf-8", "replace")) for t in self.tokenizer.get_vocab()), default=0)
+            self._max_token_bytes = max(longest, MIN_TOKEN_BYTES)
+        return self._max_token_bytes
+
+    def _bound_prompt_bytes(self, body: dict[str, Any], truncate: bool) -> None:
+        """Deal with an over-long prompt by its size alone, before tokenizing it (a 15 MiB
+        prompt takes tens of seconds to tokenize): no token spells more than
+        max_token_bytes, so a prompt that fits has at most limit = num_ctx *
+        max_token_bytes bytes of text. Without truncation a longer one is refused; with
+        it, a raw prompt is cut to its last `limit` characters (at least `limit` bytes,
+        so at least num_ctx tokens: truncation keeps the same tail)."""
+        limit = self.engine.num_ctx * self.max_token_bytes
+        prompt = body.get("prompt")
+        if truncate:
+            if isinstance(prompt, str) and len(prompt) > limit:
+                body["prompt"] = prompt[-limit:]
+            return
+        size = _text_bytes(prompt, limit) + _text_bytes(body.get("messages"), limit)
+        if size > limit:
+            raise BadInput(f"prompt is over {limit} bytes, more than the context window "
+                           f"(num_ctx {self.engine.num_ctx}) can hold (truncate is false)")
 
     async def _grammar(self, body: dict[str, Any], tools: list[Any] | None) -> GrammarProcessor | None:
         """The request's constraint, compiled off the generation thread (cached by grammar)."""
@@ -445,6 +476,23 @@ class RunnerApp:
     def cancel_all(self) -> None:
         self.draining = True
         self.engine.cancel_all()
+
+
+MIN_TOKEN_BYTES = 16
+"""Floor of the per-token byte bound (byte-fallback tokens spell one byte as `<0x41>`)."""
+
+
+def _text_bytes(value: Any, stop_at: int) -> int:
+    """UTF-8 bytes of the strings in `value` (nested lists/objects); stops counting past `stop_at`."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    total = 0
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        total += _text_bytes(item, stop_at - total)
+        if total > stop_at:
+            break
+    return total
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

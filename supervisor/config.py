@@ -37,6 +37,11 @@ DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_HOST = f"{DEFAULT_ADDRESS}:{DEFAULT_PORT}"
 FOREVER = -1.0
+MAX_DURATION_S = 100 * 365.25 * 86400
+"""Durations beyond ~100 years mean forever: no clock can add them without overflowing."""
+MAX_PINNED = 64
+MAX_MEMORY_BYTES = 2**60
+"""An exabyte: any larger memory figure is a typo, and bigger numbers overflow a float."""
 
 _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -67,7 +72,10 @@ def parse_keep_alive(value: Any, name: str = "keep_alive") -> float:
     if isinstance(value, bool) or value is None:
         raise BadRequest(f"invalid {name} {value!r}", param=name)
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float: beyond any limit
+            seconds = float("inf") if value > 0 else float("-inf")
     elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
@@ -84,9 +92,9 @@ def parse_keep_alive(value: Any, name: str = "keep_alive") -> float:
             )
     else:
         raise BadRequest(f"invalid {name} {value!r}", param=name)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise BadRequest(f"{name} must be finite", param=name)
-    return FOREVER if seconds < 0 else seconds
+    if seconds != seconds:
+        raise BadRequest(f"{name} must be a number", param=name)
+    return FOREVER if seconds < 0 or seconds > MAX_DURATION_S else seconds
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -100,8 +108,8 @@ def parse_memory_limit(value: Any, total: int) -> int | None:
     if isinstance(value, bool):
         raise BadRequest(f"invalid memory limit {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise BadRequest("memory limit must be positive")
+        if not 0 < value <= MAX_MEMORY_BYTES:  # also refuses NaN
+            raise BadRequest(f"memory limit must be positive and at most {MAX_MEMORY_BYTES} bytes")
         return int(value)
     text = str(value).strip()
     if text.endswith("%"):
@@ -118,10 +126,10 @@ def parse_memory_limit(value: Any, total: int) -> int | None:
     unit = (m.group(2) or "").lower()
     base = 1024 if "i" in unit else 1000
     mult = {"": 1, "b": 1}.get(unit) or base ** "bkmgt".index(unit[0])
-    result = int(float(m.group(1)) * mult)
-    if result <= 0:
-        raise BadRequest("memory limit must be positive")
-    return result
+    amount = float(m.group(1)) * mult
+    if not 0 < amount <= MAX_MEMORY_BYTES:
+        raise BadRequest(f"memory limit must be positive and at most {MAX_MEMORY_BYTES} bytes")
+    return int(amount)
 
 
 def parse_bool(value: Any) -> bool:
@@ -209,6 +217,28 @@ def _names(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: parse_list(raw)}
 
 
+def _model_names(name: str, raw: Any, total: int) -> dict[str, Any]:
+    """A bounded list of valid model names (pinned)."""
+    from corral.supervisor.store import normalize_name  # store imports config's neighbours; late
+
+    names = parse_list(raw) if isinstance(raw, (str, list)) or raw is None else None
+    if names is None:
+        raise BadRequest(f"{name} must be a list of model names or a comma-separated string", param=name)
+    if len(names) > MAX_PINNED:
+        raise BadRequest(f"{name}: at most {MAX_PINNED} models", param=name)
+    for model in names:
+        normalize_name(model)
+    return {name: names}
+
+
+def _paths(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: [Path(p).expanduser() for p in parse_list(raw)]}
+
+
+def _show_paths(s: Settings, name: str) -> dict[str, Any]:
+    return {name: [str(p) for p in getattr(s, name)]}
+
+
 def _memory_limit(name: str, raw: Any, total: int) -> dict[str, Any]:
     # The raw form ("80%") is kept too, for display.
     return {name: parse_memory_limit(raw, total), f"{name}_raw": None if raw in (None, "") else str(raw)}
@@ -235,6 +265,20 @@ def _size(name: str, raw: Any, total: int) -> dict[str, Any]:
         raise BadRequest(f"{name} must be a size (`4GiB`, `0`), got {raw!r}") from None
 
 
+def _key_file(name: str, raw: Any, total: int) -> dict[str, Any]:
+    """The API key read from a file (its first line), so it shows in no `ps` listing."""
+    if raw in (None, ""):
+        return {name: None}
+    path = Path(str(raw)).expanduser()
+    try:
+        key = path.read_text().strip().splitlines()[0].strip()
+    except (OSError, UnicodeDecodeError, IndexError) as e:
+        raise BadRequest(f"{name}: cannot read an API key from {path}: {e or 'empty file'}") from None
+    if not key:
+        raise BadRequest(f"{name}: {path} holds no API key")
+    return {name: path, "api_key": key}
+
+
 def _text(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: str(raw) if raw not in (None, "") else None}
 
@@ -250,6 +294,11 @@ def _show_value(s: Settings, name: str) -> dict[str, Any]:
 
 def _show_text(s: Settings, name: str) -> dict[str, Any]:
     return {name: str(getattr(s, name))}
+
+
+def _show_path(s: Settings, name: str) -> dict[str, Any]:
+    value = getattr(s, name)
+    return {name: None if value is None else str(value)}
 
 
 def _show_address(s: Settings, name: str) -> dict[str, Any]:
@@ -308,7 +357,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("single_model", "BOOL", False, _switch,
             "loading a model evicts every other non-pinned one", default_note="off",
             mutable=True, bare="true"),
-    Setting("pinned", "MODELS", None, _names,
+    Setting("pinned", "MODELS", None, _model_names,
             "comma-separated models loaded at start and never evicted", default_note="none",
             mutable=True),
     Setting("num_parallel", "N", DEFAULT_NUM_PARALLEL, _count(1),
@@ -323,11 +372,23 @@ SETTINGS: tuple[Setting, ...] = (
             show=_show_memory_limit),
     Setting("load_timeout", "DURATION", "5m", _duration,
             "a runner not ready by then fails the request (503)"),
+    Setting("stall_timeout", "DURATION", "60s", _duration,
+            "a stream silent this long whose runner's /health fails too is killed; `0` never"),
+    Setting("drain_timeout", "DURATION", "2m", _duration,
+            "a load waiting this long for busy models to finish gets 503 + Retry-After; `0` never"),
     Setting("api_key", "KEY", None, _text,
             "require `Authorization: Bearer` / `x-api-key` on API routes", default_note="none",
             show=_show_is_set),
+    Setting("api_key_file", "PATH", None, _key_file,
+            "read the API key from this file (not shown by `ps`, unlike `--api-key`)", default_note="none",
+            show=_show_path),
     Setting("origins", "ORIGINS", None, _names,
             "extra CORS origins", default_note="local origins"),
+    Setting("allowed_hosts", "NAMES", None, _names,
+            "extra names accepted in Host (globs, `*` any)", default_note="loopback, localhost, bound address"),
+    Setting("models_dirs", "DIRS", None, _paths,
+            "comma-separated roots `/api/create` may register directories from",
+            default_note="home and the HF cache", show=_show_paths),
     Setting("allow_pull", "PATTERNS", None, _text,
             "`*` or patterns: generate/chat may pull a missing model", default_note="no", bare="*"),
     Setting("default_model", "MODEL", None, _text,
@@ -373,8 +434,13 @@ class Settings:
     memory_limit: int | None = field(default_factory=_default("memory_limit"))  # bytes; None: total physical memory
     memory_limit_raw: str | None = field(default_factory=_default("memory_limit_raw"))  # as given ("80%"), for display
     load_timeout: float = field(default_factory=_default("load_timeout"))
+    stall_timeout: float = field(default_factory=_default("stall_timeout"))  # seconds; <= 0: never
+    drain_timeout: float = field(default_factory=_default("drain_timeout"))  # seconds; <= 0: never
     api_key: str | None = field(default_factory=_default("api_key"))
+    api_key_file: Path | None = field(default_factory=_default("api_key_file"))  # where api_key was read
     origins: list[str] = field(default_factory=_default("origins"))
+    allowed_hosts: list[str] = field(default_factory=_default("allowed_hosts"))  # Host names served besides local ones
+    models_dirs: list[Path] = field(default_factory=_default("models_dirs"))  # []: home and the HF cache
     allow_pull: str | None = field(default_factory=_default("allow_pull"))  # None: no; "*" or comma-separated fnmatch patterns
     default_model: str | None = field(default_factory=_default("default_model"))  # Anthropic/OpenAI names that are not local map here
     reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor

@@ -10,9 +10,11 @@ here.
     ├── BadRequest (400)
     │   └── InvalidModelName (400)      names that could reach outside the store
     ├── Unauthorized (401)
+    ├── Forbidden (403)                 Host or Origin not allowed
     ├── ModelNotFound (404)
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
+    ├── UnsupportedMediaType (415)      a body that is not JSON
     ├── Busy (503, Retry-After)         queue full, server shutting down
     │   └── LoadTimeout (503)
     ├── NotSupported (501)              a route of Ollama's, OpenAI's or Anthropic's API corral does not serve
@@ -60,6 +62,12 @@ class Unauthorized(CorralError):
     openai_type = "invalid_request_error"
 
 
+class Forbidden(CorralError):
+    status = 403
+    anthropic_type = "permission_error"
+    openai_type = "invalid_request_error"
+
+
 class ModelNotFound(CorralError):
     status = 404
     anthropic_type = "not_found_error"
@@ -79,6 +87,12 @@ class Conflict(CorralError):
 class PayloadTooLarge(CorralError):
     status = 413
     anthropic_type = "request_too_large"
+    openai_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(CorralError):
+    status = 415
+    anthropic_type = "invalid_request_error"
     openai_type = "invalid_request_error"
 
 

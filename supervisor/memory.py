@@ -198,3 +198,22 @@ def reported_bytes(status: Mapping[str, Any]) -> int:
 def footprint(estimate_total: int, status: Mapping[str, Any]) -> int:
     """A loaded model's charge: max(estimate, what its runner reports)."""
     return max(int(estimate_total), reported_bytes(status))
+
+
+def device_limit(facts: Mapping[str, Any] | None, ram_total: int) -> tuple[int, str]:
+    """The default memory limit for the device a runner reported (its /status
+    `device_facts`, see runner/device.py), and where it came from.
+
+    Metal: the GPU may use at most the recommended working set, not all of RAM.
+    CUDA: the GPU's own memory, not host RAM. CPU (or no report yet): physical memory.
+    """
+    device = facts.get("device") if facts else None
+    if facts and device == "metal" and _positive(facts.get("recommended")):
+        return int(facts["recommended"]), "metal recommended working set"
+    if facts and device == "cuda" and _positive(facts.get("total")):
+        return int(facts["total"]), "cuda device memory"
+    return int(ram_total), "physical memory"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

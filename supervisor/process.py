@@ -23,6 +23,7 @@ import enum
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -48,6 +49,9 @@ from corral.supervisor.runner_client import RunnerClient
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL (the runner's drain + disk-tier write fit in it)
+REAP_WAIT = 5.0  # seconds to wait for the kernel to reap a SIGKILLed group before giving up on it
+_ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback)\b|^\w*(Error|Exception)\b|\berror:", re.IGNORECASE)
+_SECRET_ENV = ("CORRAL_API_KEY",)  # the supervisor's secrets; a runner gets only its own token
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
 
 
@@ -150,8 +154,16 @@ class RunnerProcess:
     def record_path(self) -> Path:
         return self.home / "runners" / f"{self.pid}.json"
 
+    @property
+    def last_error_line(self) -> str:
+        """The last line of the tail that reports an error (none: ""); an INFO line says nothing."""
+        for line in reversed(self.stderr_tail):
+            if _ERROR_LINE.search(line):
+                return line
+        return ""
+
     def failure_message(self, what: str) -> str:
-        line = self.last_line
+        line = self.last_error_line
         return f"{what}: {line}" if line else what
 
     # -- start --------------------------------------------------------------
@@ -170,20 +182,27 @@ class RunnerProcess:
     async def spawn(self) -> None:
         """Start the process (a standby waits for `adopt` + `start`); returns at once."""
         self.port = free_port(self.host)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
         env.update(self.env)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a full disk must not stop a runner; its log just drops
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=env,
             stdin=asyncio.subprocess.PIPE if self.standby else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
-        self._write_record()
+        # From here the process exists: whatever fails below, it is watched and reaped.
         self._client = RunnerClient(f"http://{self.host}:{self.port}", self.token)
         self._stderr_task = asyncio.create_task(self._pump_stderr())
         self._watch_task = asyncio.create_task(self._watch())
+        try:
+            self._write_record()
+        except OSError as e:
+            log.warning("runner %s (pid %s): cannot record it (%s); stopping it", self.name, self.pid, e)
+            await self.stop()
+            raise
 
     def adopt(self, name: str, model_dir: Path, num_ctx: int, num_parallel: int,
               env: Mapping[str, str] | None = None) -> None:
@@ -255,14 +274,37 @@ class RunnerProcess:
         self.record_path.write_text(json.dumps(rec))
 
     async def _pump_stderr(self) -> None:
+        """Read the runner's stderr to its end, whatever happens to the log file: a pipe
+        left unread fills, and the runner then blocks on its next log line."""
         assert self._proc is not None and self._proc.stderr is not None
-        async for raw in self._proc.stderr:
-            # Opened per line: a standby's log path changes when it is adopted.
+        log_failed = False
+        while True:
+            try:
+                raw = await self._proc.stderr.readline()
+            except ValueError:  # a line over the stream limit: its first part arrives alone
+                raw = await self._proc.stderr.read(64 * 1024)
+            if not raw:
+                return
+            text = raw.decode("utf-8", "replace").strip()
+            if text:
+                self.stderr_tail.append(text[:2000])
+            written = self._write_log(raw)
+            if not written and not log_failed:  # once per spell of failures, not per line
+                log.warning("runner %s (pid %s): cannot write %s; dropping its log lines",
+                            self.name, self.pid, self.log_path)
+            log_failed = not written
+
+    def _write_log(self, raw: bytes) -> bool:
+        """Append to the runner's log; False when the disk refuses (the line is dropped).
+
+        Opened per line: a standby's log path changes when it is adopted. A local file
+        append does not block the loop for long; a full disk fails at once (ENOSPC)."""
+        try:
             with open(self.log_path, "ab") as logf:
                 logf.write(raw)
-            text = raw.decode("utf-8", "replace").rstrip()
-            if text.strip():
-                self.stderr_tail.append(text.strip())
+        except OSError:
+            return False
+        return True
 
     async def _drain_stderr(self) -> None:
         if self._stderr_task is not None:
@@ -305,6 +347,13 @@ class RunnerProcess:
             self._stop_task = asyncio.create_task(self._stop())
         await asyncio.shield(self._stop_task)
 
+    def kill_now(self, why: str) -> None:
+        """SIGKILL the group at once (a hung runner answers no SIGTERM); the watcher reaps it."""
+        log.error("runner %s (pid %s): %s; killing it", self.name, self.pid, why)
+        self.stderr_tail.append(f"error: {why}")
+        if self._proc is not None and not self._exited.is_set():
+            self._signal(signal.SIGKILL)
+
     def _signal(self, sig: int) -> None:
         assert self._proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -318,7 +367,9 @@ class RunnerProcess:
             if not await self.wait_exited(self.stop_grace):
                 log.warning("runner %s (pid %s) ignored SIGTERM; killing", self.name, self.pid)
                 self._signal(signal.SIGKILL)
-                await self._exited.wait()
+                if not await self.wait_exited(REAP_WAIT):  # bounded: shutdown never hangs here
+                    log.error("runner %s (pid %s) not reaped %gs after SIGKILL", self.name, self.pid,
+                              REAP_WAIT)
             # anything left in the group (children of the runner) goes too
             self._signal(signal.SIGKILL)
         if self.state is RunnerState.STOPPING:
@@ -418,8 +469,9 @@ class StandbyFactory:
                               command=self.command, standby=True)
         try:
             await spare.spawn()
-        except OSError as e:
+        except OSError as e:  # spawn has stopped anything it started
             log.warning("could not start a standby runner: %s", e)
+            await spare.stop()
             return
         if self._closed:
             await spare.stop()

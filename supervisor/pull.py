@@ -149,6 +149,7 @@ def _list_repo(repo: str, endpoint: str | None) -> tuple[str, list[RepoFile]]:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -158,6 +159,8 @@ def _list_repo(repo: str, endpoint: str | None) -> tuple[str, list[RepoFile]]:
         info = HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
         raise RepoNotFound(repo) from None
+    except HFValidationError as e:  # a malformed repo id is the client's error, not the Hub's
+        raise PullFailed(f"invalid model name '{repo}': {e}", status=400) from None
     except OfflineModeIsEnabled:
         raise PullFailed("cannot pull: HF_HUB_OFFLINE is set on the server", status=503) from None
     except HfHubHTTPError as e:

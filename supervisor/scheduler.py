@@ -74,6 +74,7 @@ from corral.supervisor.memory import (
     MemoryProbe,
     NeedEstimate,
     SystemMemoryProbe,
+    device_limit,
     estimate_need,
     footprint,
 )
@@ -92,6 +93,10 @@ log = logging.getLogger(__name__)
 STATUS_REFRESH = 5.0  # seconds between /status refreshes of a loaded model's footprint
 
 
+STALL_HEALTH_TIMEOUT = 5.0
+"""Seconds a silent runner's /health has to answer before it counts as hung."""
+
+
 class Store(Protocol):
     def resolve(self, name: str) -> ModelRef: ...
 
@@ -102,6 +107,8 @@ class RunnerAPI(Protocol):
     """The runner's HTTP routes the scheduler and leases use (RunnerClient)."""
 
     async def status(self, timeout: float = 5.0) -> dict[str, Any]: ...
+
+    async def health(self, timeout: float = 2.0) -> bool: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
 
@@ -133,6 +140,8 @@ class Runner(Protocol):
     async def wait_exited(self, timeout: float) -> bool: ...
 
     def failure_message(self, what: str) -> str: ...
+
+    def kill_now(self, why: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -272,6 +281,7 @@ class _Ticket:
     future: asyncio.Future[tuple[_Entry, bool]]  # (entry, loaded for this ticket)
     enqueued_at: float
     manifest: Manifest | None = None  # read once the ticket reaches the head
+    drain_timer: TimerHandle | None = None  # set when it first waits for busy victims to drain
 
 
 # -- events ------------------------------------------------------------------
@@ -340,8 +350,15 @@ class _Shutdown:
     done: asyncio.Future[None]
 
 
+@dataclass(eq=False)
+class _DrainExpired:
+    """A ticket has waited drain_timeout for busy models to make room."""
+
+    ticket: _Ticket
+
+
 _Event = (_Acquire | _Abandoned | _Released | _TimerExpired | _RunnerExited | _Unload | _Planned
-          | _StatusDone | _LoadDone | _Stopped | _Shutdown)
+          | _StatusDone | _LoadDone | _Stopped | _Shutdown | _DrainExpired)
 
 
 class Lease:
@@ -388,12 +405,43 @@ class Lease:
             raise RuntimeError("lease already released")
         stream = self._entry.process.client.events(request)
         try:
-            async for event in stream:
+            while True:
+                try:
+                    event = await self._next_or_stall(stream)
+                except StopAsyncIteration:
+                    return
                 yield event
         except RunnerFailed as e:
             raise await self._runner_error(e) from e
         finally:
             await stream.aclose()
+
+    async def _next_or_stall(self, stream: AsyncGenerator[StreamEvent, None]) -> StreamEvent:
+        """The stream's next event; a runner silent for stall_timeout whose /health does not
+        answer either is hung (stopped, deadlocked): it is killed and the stream fails.
+
+        A silent runner that still answers /health is busy (a long prefill, a full batch)
+        and is waited for. The kill goes through the watcher like any exit, so the
+        scheduler drops the model and the next request loads it afresh.
+        """
+        step = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                limit = self._scheduler.settings.stall_timeout
+                done, _ = await asyncio.wait({step}, timeout=limit if limit > 0 else None)
+                if done:
+                    return step.result()
+                process = self._entry.process
+                if await process.client.health(timeout=min(limit, STALL_HEALTH_TIMEOUT)):
+                    continue
+                why = f"no progress for {limit:g}s and /health did not answer (stalled)"
+                process.kill_now(why)
+                raise RunnerFailed(f"runner for '{self.ref.name}' stalled: {why}; it was killed")
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
 
     async def tokenize(self, text: str) -> list[int]:
         try:
@@ -632,9 +680,18 @@ class Scheduler:
             ctx = min(ctx, manifest.max_context)
         return max(1, int(ctx)), max(1, int(self.settings.num_parallel))
 
+    def memory_limit(self) -> tuple[int, str]:
+        """The limit loads are fitted under and where it came from: the setting, else what
+        the device a runner reported can hold (device_limit), else physical memory."""
+        if self.settings.memory_limit:
+            return int(self.settings.memory_limit), "memory_limit setting"
+        facts = next((e.status.get("device_facts") for e in self._table.values()
+                      if isinstance(e.status.get("device_facts"), dict)), None)
+        return device_limit(facts, self.probe.total())
+
     def _snapshot(self, head: _Ticket, need: int) -> policy.Snapshot:
         s = self.settings
-        limit = s.memory_limit if s.memory_limit else self.probe.total()
+        limit, _ = self.memory_limit()
         return policy.Snapshot(
             loaded=tuple(self._resident(e) for e in self._table.values()), name=head.key, need=need,
             limit=int(limit), available=int(self.probe.available()), reserve=int(s.reserve),
@@ -748,6 +805,8 @@ class Scheduler:
             self._on_load_done(event)
         elif isinstance(event, _Stopped):
             self._on_stopped(event.entry)
+        elif isinstance(event, _DrainExpired):
+            self._on_drain_expired(event.ticket)
         else:
             self._on_shutdown(event.done)
 
@@ -887,6 +946,17 @@ class Scheduler:
             _answer(fut, True)
         entry.on_stopped = []
 
+    def _on_drain_expired(self, ticket: _Ticket) -> None:
+        """Still queued after drain_timeout: 503 + Retry-After rather than waiting on
+        for streams that may never end (every ticket for the model, as they wait alike)."""
+        if ticket.future.done() or ticket not in self._queue:
+            return  # served, cancelled, or past the wait (loading)
+        waited = self.settings.drain_timeout
+        self._fail_all(ticket.key, Busy(
+            f"model '{ticket.ref.name}' waited {waited:g}s for busy models to finish; try again later",
+            retry_after=max(1, min(30, int(waited // 4) or 1))))
+        self._clear_draining(())
+
     def _on_shutdown(self, done: asyncio.Future[None]) -> None:
         self._closing = True
         _answer(done, None)  # before anything can raise: shutdown() waits for it
@@ -1003,6 +1073,9 @@ class Scheduler:
             self._fail_all(head.key, InsufficientMemory(decision.message))
             return True
         if decision.verdict is policy.Verdict.WAIT:
+            if head.drain_timer is None and self.settings.drain_timeout > 0:
+                head.drain_timer = self.timers.call_later(self.settings.drain_timeout,
+                                                          lambda: self._post(_DrainExpired(head)))
             self._clear_draining(decision.drain)
             for victim in decision.drain:
                 self._table[victim].draining = True

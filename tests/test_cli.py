@@ -52,7 +52,8 @@ def cache(hf_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(cache: Path, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "CORRAL_MODELS_DIRS": str(tmp_path_factory.getbasetemp())}  # where the tests' models are
     with ServerProcess(tmp_path_factory.mktemp("cli-home"), cache, env=env) as s:
         yield s
 

@@ -8,6 +8,7 @@ running Settings; a port already in use gives one clear line and exit 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -50,8 +51,12 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("context_length", "context_length", ["--context-length", "1024"], "2048", "context_length = 512", 1024, 2048, 512, 0),
     ("memory_limit", "memory_limit", ["--memory-limit", "24GB"], "50%", 'memory_limit = "8GiB"', 24 * GB, 32 * GB, 8 * 1024**3, None),
     ("load_timeout", "load_timeout", ["--load-timeout", "2m"], "30", "load_timeout = 45", 120.0, 30.0, 45.0, 300.0),
+    ("stall_timeout", "stall_timeout", ["--stall-timeout", "2m"], "30", "stall_timeout = 45", 120.0, 30.0, 45.0, 60.0),
+    ("drain_timeout", "drain_timeout", ["--drain-timeout", "1m"], "0", 'drain_timeout = "5m"', 60.0, 0.0, 300.0, 120.0),
+    ("allowed_hosts", "allowed_hosts", ["--allowed-hosts", "a.lan"], "b.lan,*.c.lan", 'allowed_hosts = ["d.lan"]', ["a.lan"], ["b.lan", "*.c.lan"], ["d.lan"], []),
     ("api_key", "api_key", ["--api-key", "flag-key"], "env-key", 'api_key = "file-key"', "flag-key", "env-key", "file-key", None),
     ("origins", "origins", ["--origins", "http://a.test"], "http://b.test,http://c.test", 'origins = ["http://d.test"]', ["http://a.test"], ["http://b.test", "http://c.test"], ["http://d.test"], []),
+    ("models_dirs", "models_dirs", ["--models-dirs", "/m/a,/m/b"], "/e", 'models_dirs = ["/f"]', [Path("/m/a"), Path("/m/b")], [Path("/e")], [Path("/f")], []),
     ("allow_pull", "allow_pull", ["--allow-pull"], "mlx-community/*", 'allow_pull = "org/*"', "*", "mlx-community/*", "org/*", None),
     ("default_model", "default_model", ["--default-model", "f/m"], "e/m", 'default_model = "c/m"', "f/m", "e/m", "c/m", None),
     ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
@@ -91,8 +96,24 @@ def test_precedence_for_every_setting(tmp_path: Path, case: tuple[Any, ...]) -> 
 
 
 def test_every_declared_setting_has_a_precedence_case() -> None:
-    # home has its own test below; reserve has no flag (test_reserve_has_no_flag).
-    assert {c[0] for c in CASES} | {"home", "reserve"} == {s.name for s in SETTINGS}
+    # home, api_key_file: their own tests below; reserve has no flag (test_reserve_has_no_flag).
+    assert {c[0] for c in CASES} | {"home", "reserve", "api_key_file"} == {s.name for s in SETTINGS}
+
+
+def test_api_key_file_sets_the_key_and_reads_like_any_setting(tmp_path: Path) -> None:
+    flag_file, env_file = tmp_path / "flag.key", tmp_path / "env.key"
+    flag_file.write_text("from-flag-file\n")
+    env_file.write_text("  from-env-file  \nignored second line\n")
+    env = {"CORRAL_API_KEY_FILE": str(env_file)}
+    s = settings(tmp_path / "h", ["--api-key-file", str(flag_file)], env, None)
+    assert (s.api_key, s.api_key_file) == ("from-flag-file", flag_file)
+    assert settings(tmp_path / "h", [], env, None).api_key == "from-env-file"
+    shown = settings_to_json(settings(tmp_path / "h", [], env, None))
+    assert shown["api_key_set"] is True and "from-env-file" not in json.dumps(shown)
+    (tmp_path / "empty.key").write_text("\n")
+    for bad in (tmp_path / "missing.key", tmp_path / "empty.key"):
+        with pytest.raises(BadRequest, match="api_key_file"):
+            settings(tmp_path / "h", [], {"CORRAL_API_KEY_FILE": str(bad)}, None)
 
 
 def test_reserve_has_no_flag_but_env_file_and_default(tmp_path: Path) -> None:
@@ -223,8 +244,9 @@ def test_api_settings_json_of_the_defaults() -> None:
         "host": "127.0.0.1:11434", "home": "/srv/corral", "keep_alive": 300.0,
         "max_loaded_models": 0, "single_model": False, "pinned": [], "num_parallel": 4,
         "max_queue": 512, "context_length": 0, "memory_limit": None,
-        "memory_limit_raw": None, "load_timeout": 300.0, "api_key_set": False, "origins": [],
-        "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
+        "memory_limit_raw": None, "load_timeout": 300.0, "stall_timeout": 60.0, "drain_timeout": 120.0,
+        "api_key_set": False, "api_key_file": None, "origins": [], "allowed_hosts": [],
+        "models_dirs": [], "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
         "prompt_cache": "25%", "kv_disk": 4 * 1024**3,
     }
 

@@ -196,7 +196,8 @@ async def app_client(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     store = ModelStore(tmp_path / "home", tmp_path / "hub")
     sched = FakeScheduler(store, script=text_script("Hi", " there"))  # type: ignore[arg-type]
-    ctx = fake_context(store, sched, Settings(home=tmp_path / "home", allow_pull="org/auto*"))  # type: ignore[arg-type]
+    ctx = fake_context(store, sched, Settings(home=tmp_path / "home", allow_pull="org/auto*",
+                                                models_dirs=[tmp_path.parent]))  # type: ignore[arg-type]
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read by supervisor.pull at each pull
     transport = httpx.ASGITransport(app=create_app(ctx))
     async with httpx.AsyncClient(transport=transport, base_url="http://corral") as c:

@@ -36,6 +36,7 @@ from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger("corral")
 NDJSON = "application/x-ndjson"
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux; longer cannot name a directory
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -170,6 +171,26 @@ def _is_directory(source: str) -> bool:
     return source.startswith(("/", "~", "./", "../"))
 
 
+def model_roots(ctx: AppContext) -> list[Path]:
+    """Where /api/create may register directories from: settings.models_dirs, else the
+    user's home and the Hugging Face cache."""
+    return list(ctx.settings.models_dirs) or [Path.home(), pulling.hub_cache_dir(ctx)]
+
+
+def _allowed_dir(path: Path, roots: list[Path]) -> bool:
+    """`path` is a directory inside one of `roots`, symlinks resolved (no escaping through one)."""
+    try:
+        real = path.resolve()
+        if not real.is_dir():
+            return False
+        for root in roots:
+            if real.is_relative_to(root.expanduser().resolve()):
+                return True
+    except (OSError, ValueError, RuntimeError):  # too long, unreadable parent, a symlink loop
+        return False
+    return False
+
+
 async def create(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
@@ -181,19 +202,26 @@ async def create(request: Request) -> Response:
         raise BadRequest("missing 'from': the name of a model or the directory of an MLX model",
                          param="from")
     source = source.strip()
+    if len(source) > MAX_PATH_CHARS or "\x00" in source:
+        raise BadRequest(f"'from' must be a model name or a directory path of at most {MAX_PATH_CHARS} "
+                         "characters", param="from")
     if _is_directory(source):
         path = Path(source).expanduser()
         if not path.is_absolute():
             raise BadRequest(f"'from' must be a model name or an absolute directory path, got '{source}'",
                              param="from")
-        if not path.is_dir():
-            raise BadRequest(f"'from': no such directory: {source}", param="from")
+        if not await anyio.to_thread.run_sync(_allowed_dir, path, model_roots(ctx)):
+            # One text for "not there" and "not allowed": the answer must not tell which paths exist.
+            raise BadRequest(f"'from': no such directory under the model roots (CORRAL_MODELS_DIRS): "
+                             f"{source}", param="from")
         try:
             ref = await anyio.to_thread.run_sync(ctx.store.register, name, path, defaults)
         except CorralError:
             raise
         except ValueError as e:  # ManifestError: not a loadable model
             raise BadRequest(f"'{source}' is not an MLX model: {e}", param="from") from None
+        except OSError as e:  # unreadable files inside the directory
+            raise BadRequest(f"'{source}' cannot be read: {e.strerror or e}", param="from") from None
     else:
         try:
             ref = await anyio.to_thread.run_sync(ctx.store.create, name, source, defaults)

@@ -34,6 +34,7 @@ Decisions of ours:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -69,7 +70,7 @@ from corral.supervisor.api.fields import (
 )
 from corral.supervisor.api.toolcalls import ToolCallFilter, runner_calls
 from corral.supervisor.config import apply_patch, settings_to_json
-from corral.supervisor.errors import BadRequest, CorralError
+from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.scheduler import LoadedModel
 from corral.supervisor.store import ModelRef, tagged_name
@@ -276,8 +277,10 @@ class Generation:
     async def load_or_unload(self) -> Response:
         """Empty prompt / messages: load the model (or unload it with keep_alive 0)."""
         if self.request.keep_alive == 0:
-            ref = self.ctx.store.resolve(self.model)
-            await self.ctx.scheduler.unload(ref.name)
+            # What is loaded unloads whatever the disk now says (its files may be gone).
+            if not await self.ctx.scheduler.unload(self.model):
+                ref = self.ctx.store.resolve(self.model)  # 404 for a name that was never there
+                await self.ctx.scheduler.unload(ref.name)
             reason = "unload"
         else:
             lease = await acquire(self.ctx, self.model, keep_alive=self.request.keep_alive,
@@ -607,8 +610,19 @@ async def show(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     body = await read_json(request)
-    ref = ctx.store.resolve(model_field(body, "model", "name"))
-    # A loaded model is stopped first, so its runner does not keep files in use.
+    name = model_field(body, "model", "name")
+    # A loaded model is stopped first, so its runner does not keep files in use; it is
+    # stopped even when its files are gone, so a model whose disk vanished can be deleted.
+    unloaded = await ctx.scheduler.unload(name)
+    try:
+        ref = ctx.store.resolve(name)
+    except ModelNotFound:
+        with contextlib.suppress(ModelNotFound):
+            await anyio.to_thread.run_sync(ctx.store.delete, name)  # a registration left dangling
+            return Response(status_code=200)
+        if unloaded:
+            return Response(status_code=200)
+        raise
     await ctx.scheduler.unload(ref.name)
     await anyio.to_thread.run_sync(ctx.store.delete, ref.name)
     return Response(status_code=200)
@@ -633,7 +647,10 @@ async def root(request: Request) -> Response:
 
 async def get_settings(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    return JSONResponse(settings_to_json(ctx.settings))
+    shown = settings_to_json(ctx.settings)
+    # what loads are fitted under now, and why (the setting, the device's report, or RAM)
+    shown["memory_limit_effective"], shown["memory_limit_source"] = ctx.scheduler.memory_limit()
+    return JSONResponse(shown)
 
 
 async def patch_settings(request: Request) -> Response:

@@ -258,6 +258,9 @@ class FakeScheduler:
         )
         return lease
 
+    def memory_limit(self) -> tuple[int, str]:
+        return 64 * 2**30, "physical memory"  # a fixed machine: no device report, no setting
+
     async def unload(self, name: str) -> bool:
         ref = self.store.resolve(name)
         self.unloaded.append(ref.name)
