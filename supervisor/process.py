@@ -61,10 +61,23 @@ _TRANSITIONS: dict[RunnerState, frozenset[RunnerState]] = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> int:
+    """A port free on `host` now: any, or one in the inclusive range `ports` (CORRAL_RUNNER_PORTS)."""
+    if ports is None:
+        candidates: Sequence[int] = (0,)
+    else:  # from a random point, so runners started together rarely race for one port
+        span = range(ports[0], ports[1] + 1)
+        start = secrets.randbelow(len(span))
+        candidates = [*span[start:], *span[:start]]
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RunnerFailed(f"no free port for a runner in CORRAL_RUNNER_PORTS {ports[0]}-{ports[1]}"
+                       if ports else "no free port for a runner")
 
 
 def _slug(name: str) -> str:
@@ -85,8 +98,10 @@ class RunnerProcess:
         host: str = "127.0.0.1",
         stop_grace: float = STOP_GRACE,
         standby: bool = False,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         self.standby = standby  # spawned with --model -, model assigned on stdin
+        self.ports = ports  # the range its port comes from (CORRAL_RUNNER_PORTS); None: any
         self.name = name
         self.model_dir = Path(model_dir)
         self.home = Path(home)
@@ -160,7 +175,7 @@ class RunnerProcess:
 
     async def spawn(self) -> None:
         """Start the process (a standby waits for `adopt` + `start`); returns at once."""
-        self.port = free_port(self.host)
+        self.port = free_port(self.host, self.ports)
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
@@ -358,9 +373,11 @@ class StandbyFactory:
     RSS on the CPU backend); it is refilled in the background after each use.
     """
 
-    def __init__(self, home: Path, *, command: Sequence[str] = DEFAULT_COMMAND) -> None:
+    def __init__(self, home: Path, *, command: Sequence[str] = DEFAULT_COMMAND,
+                 ports: tuple[int, int] | None = None) -> None:
         self.home = Path(home)
         self.command = tuple(command)
+        self.ports = ports
         self._spare: RunnerProcess | None = None
         self._filling: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Future[None]] = set()
@@ -378,7 +395,7 @@ class StandbyFactory:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
         return RunnerProcess(spec.name, spec.model_dir, home=self.home, num_ctx=spec.num_ctx,
-                             num_parallel=spec.num_parallel, command=self.command)
+                             num_parallel=spec.num_parallel, command=self.command, ports=self.ports)
 
     def refill(self) -> None:
         """Spawn a spare in the background if there is none."""
@@ -388,10 +405,10 @@ class StandbyFactory:
 
     async def _fill(self) -> None:
         spare = RunnerProcess("standby", Path("-"), home=self.home, num_ctx=0, num_parallel=1,
-                              command=self.command, standby=True)
+                              command=self.command, standby=True, ports=self.ports)
         try:
             await spare.spawn()
-        except OSError as e:
+        except (OSError, RunnerFailed) as e:
             log.warning("could not start a standby runner: %s", e)
             return
         if self._closed:
