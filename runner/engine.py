@@ -21,7 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
 from corral.runner.grammar import GrammarProcessor
+from corral.runner.logprobs import TokenText
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
@@ -30,7 +32,7 @@ from mlx_lm.generate import BatchGenerator
 log = logging.getLogger("runner")
 
 # What the generation thread sends to a sequence's output queue.
-Event = tuple[str, Any]  # ("text", str) | ("done", dict) | ("error", str)
+Event = tuple[str, Any]  # ("text", str) | ("logprob", dict) | ("done", dict) | ("error", str)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Sequence:
     detok: Any = None
     stops: StopMatcher | None = None
     grammar: GrammarProcessor | None = None  # constrained decoding; applied last, after penalties
+    top_logprobs: int | None = None  # report log-probabilities with this many alternatives; None: not asked
 
     def emit(self, kind: str, value: Any) -> None:
         """Hand one event to the event loop now (the batched path is Engine._emit)."""
@@ -74,6 +77,7 @@ class Engine:
         self._active: dict[int, Sequence] = {}
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
+        self._token_text = TokenText(tokenizer)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._outbox: list[tuple[Sequence, Event]] = []
         self.active_count = 0
@@ -178,7 +182,24 @@ class Engine:
                 continue
             if not seq.first_token:
                 seq.first_token = now
+            if seq.top_logprobs is not None and r.token not in self._eos:
+                # before the token's text: the HTTP side attaches it to the next text it sends
+                self._emit(seq, "logprob", self._logprob(r.token, r.logprobs, seq.top_logprobs))
             self._on_token(gen, seq, r.token, r.finish_reason)
+
+    def _logprob(self, token: int, logprobs: Any, top: int) -> dict[str, Any]:
+        """The token's log-probability (normalized over the vocabulary, before sampling
+        filters) and its `top` most likely alternatives, in Ollama's and OpenAI's shape."""
+        entry = self._token_text.entry(token, float(logprobs[token].item()))
+        alternatives: list[dict[str, Any]] = []
+        if top:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            values: list[float] = logprobs[ids].tolist()  # type: ignore[assignment]
+            tokens: list[int] = ids.tolist()  # type: ignore[assignment]
+            pairs = sorted(zip(tokens, values, strict=True), key=lambda p: -p[1])
+            alternatives = [self._token_text.entry(i, v) for i, v in pairs]
+        entry["top_logprobs"] = alternatives
+        return entry
 
     def _on_token(self, gen: BatchGenerator, seq: Sequence, token: int, finish: str | None) -> None:
         assert seq.stops is not None

@@ -5,7 +5,8 @@ Pure Python with no third-party imports: the supervisor imports this module
 option names, defaults, validation and stream line shapes.
 
 POST /completion takes a RunnerRequest's wire form and answers NDJSON: one
-`{"content": text, "done": false}` line per piece of text, then one done line
+`{"content": text, "done": false}` line per piece of text (with `thinking`
+and `logprobs` when there are any), then one done line
 (done_line: done_reason, token counts, durations in nanoseconds, the stop
 string that matched or null, and tool_calls when the runner parsed any). A
 failure after the stream started is an `{"error": message}` line instead.
@@ -185,13 +186,44 @@ def options_to_wire(opts: SamplingOptions) -> dict[str, Any]:
     return out
 
 
+THINK_LEVELS = ("low", "medium", "high")
+MAX_TOP_LOGPROBS = 20
+
+
+def parse_think(value: Any) -> bool | str | None:
+    """Ollama's `think`: true, false, "low", "medium" or "high" (None: not given)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in THINK_LEVELS:
+        return value.lower()
+    if value in ("true", "false"):
+        return value == "true"
+    raise OptionError(f"'think' must be true, false, or one of {', '.join(THINK_LEVELS)}")
+
+
+def check_top_logprobs(value: Any) -> int:
+    """How many alternatives per token to report (0 to MAX_TOP_LOGPROBS)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise OptionError(f"'top_logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerRequest:
     """The body of POST /completion: a raw `prompt` or chat `messages` (plus `tools`
     for the chat template, and `template`, a Jinja chat template replacing the
     tokenizer's), and wire `options` (options_to_wire's output).
     `format` ("json" or a JSON schema) and `tool_choice` ("required" or a tool
-    name) constrain the output (see the module docstring)."""
+    name) constrain the output (see the module docstring).
+
+    think: the chat template's thinking switch (None: the template's default, and
+    no splitting); when truthy the runner splits the reasoning off into `thinking`.
+    logprobs / top_logprobs: report each generated token's log-probability and its
+    top alternatives. truncate: when the prompt overflows num_ctx, drop the oldest
+    non-system messages (or a raw prompt's oldest tokens) instead of refusing.
+    """
 
     options: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
@@ -200,6 +232,10 @@ class RunnerRequest:
     template: str | None = None
     format: str | dict[str, Any] | None = None
     tool_choice: str | None = None
+    think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    truncate: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"options": self.options}
@@ -215,14 +251,25 @@ class RunnerRequest:
             out["format"] = self.format
         if self.tool_choice is not None:
             out["tool_choice"] = self.tool_choice
+        if self.think is not None:
+            out["think"] = self.think
+        if self.logprobs or self.top_logprobs:
+            out["logprobs"] = True
+            out["top_logprobs"] = self.top_logprobs
+        if not self.truncate:
+            out["truncate"] = False
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of generated text (one stream line)."""
+    """A piece of generated text (one stream line): answer `content`, reasoning
+    `thinking`, and the log-probabilities of the tokens it came from, each
+    {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}."""
 
     content: str
+    thinking: str = ""
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +287,22 @@ class Done:
     stop_sequence: str | None = None
 
 
-def chunk_line(content: str) -> dict[str, Any]:
-    """A stream line carrying generated text."""
-    return {"content": content, "done": False}
+def chunk_line(content: str, thinking: str = "",
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A stream line carrying generated text (and reasoning, and log-probabilities)."""
+    out: dict[str, Any] = {"content": content, "done": False}
+    if thinking:
+        out["thinking"] = thinking
+    if logprobs:
+        out["logprobs"] = logprobs
+    return out
+
+
+def chunk_from_line(line: Mapping[str, Any]) -> Chunk:
+    """A text line as a Chunk."""
+    lps = line.get("logprobs")
+    return Chunk(str(line.get("content") or ""), str(line.get("thinking") or ""),
+                 tuple(x for x in lps if isinstance(x, dict)) if isinstance(lps, list) else ())
 
 
 def done_line(

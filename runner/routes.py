@@ -1,8 +1,15 @@
 """The runner's HTTP side: starlette routes over the generation Engine.
 
-Routes and stream shapes follow shared/DESIGN.md ("The runner protocol").
+Routes and stream shapes follow runner/protocol.py (the runner protocol).
 Handlers never touch MLX; tokenization is pure tokenizer work and is safe
 outside the generation thread.
+
+The prompt is rendered here, so this is where it is fitted to num_ctx: an
+overflowing chat keeps its system messages and drops the oldest others (Ollama's
+rule; the last message alone too long is a 400), a raw prompt keeps its newest
+tokens, and room is left to answer. With `think`, the chat template's thinking
+switch is set and the reasoning is split off (runner.thinking) before any family
+sees the text; with `logprobs`, each text line carries its tokens' entries.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +45,16 @@ from corral.runner.protocol import (
     ROUTE_TOKENIZE,
     BodyError,
     OptionError,
+    check_top_logprobs,
+    chunk_line,
     done_line,
     error_line,
     json_object,
     parse_options,
+    parse_think,
 )
+from corral.runner.thinking import OPEN as THINK_OPEN
+from corral.runner.thinking import ThinkingSplitter, template_thinks
 from corral.runner.tools import ToolCallSplitter
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -53,6 +66,24 @@ log = logging.getLogger("runner")
 
 class BadInput(Exception):
     """A request the runner refuses before streaming (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """A completion body's fields beyond the prompt and the sampling options."""
+
+    think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    truncate: bool = True
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> _Wanted:
+        logprobs, truncate = body.get("logprobs", False), body.get("truncate", True)
+        if not isinstance(logprobs, bool) or not isinstance(truncate, bool):
+            raise BadInput("'logprobs' and 'truncate' must be true or false")
+        return cls(parse_think(body.get("think")), logprobs, check_top_logprobs(body.get("top_logprobs")),
+                   truncate)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -191,25 +222,29 @@ class RunnerApp:
         try:
             body = await _json_object(request)
             options = parse_options(body.get("options"))
-            prompt, tools = self._prompt_tokens(body)
+            want = _Wanted.of(body)
+            prompt, tools, opened = self._prompt_tokens(body, want, options.num_predict)
             grammar = await self._grammar(body, tools)
         except (BadInput, OptionError, GrammarError) as e:
             return error(400, str(e))
         room = self.engine.num_ctx - len(prompt)
         if room <= 0:
             return error(400, f"prompt is {len(prompt)} tokens but the context window "
-                              f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}")
+                              f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}"
+                              + ("" if want.truncate else " (truncate is false)"))
         max_tokens = room if options.num_predict < 0 else min(options.num_predict, room)
         if max_tokens == 0:
             return StreamingResponse(iter([_line(done_line(
                 "length", prompt_eval_count=len(prompt), prompt_eval_duration=0,
                 eval_count=0, eval_duration=0))]), media_type=NDJSON)
         seq = Sequence(prompt=prompt, options=options, max_tokens=max_tokens,
-                       loop=asyncio.get_running_loop(), grammar=grammar)
+                       loop=asyncio.get_running_loop(), grammar=grammar,
+                       top_logprobs=want.top_logprobs if want.logprobs else None)
         log.info("request start: prompt_tokens=%d max_tokens=%d", len(prompt), max_tokens)
         self.engine.submit(seq)
         splitter = ToolCallSplitter(self.tokenizer, tools) if tools else None
-        return StreamingResponse(self._stream(seq, splitter), media_type=NDJSON)
+        thinking = ThinkingSplitter(opened=opened) if want.think else None
+        return StreamingResponse(self._stream(seq, splitter, thinking), media_type=NDJSON)
 
     # -- helpers ------------------------------------------------------------
 
@@ -224,7 +259,20 @@ class RunnerApp:
             return None
         return await self.grammars.processor(grammar)
 
-    def _prompt_tokens(self, body: dict[str, Any]) -> tuple[list[int], list[Any] | None]:
+    @property
+    def template(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else ""
+
+    def _prompt_tokens(self, body: dict[str, Any], want: _Wanted,
+                       num_predict: int) -> tuple[list[int], list[Any] | None, bool]:
+        """The prompt's tokens (truncated to fit when allowed), the tools, and whether
+        the prompt already opened a reasoning block."""
+        template = body.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise BadInput("'chat_template' must be a string")
+        if want.think and not template_thinks(template or self.template):
+            raise BadInput(f"{json.dumps(self.model_name)} does not support thinking")
         prompt = body.get("prompt")
         messages = body.get("messages")
         tools = body.get("tools")
@@ -236,18 +284,31 @@ class RunnerApp:
             tok = self.tokenizer
             # Exactly as mlx_lm.stream_generate tokenizes a string prompt.
             add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
-            return list(tok.encode(prompt, add_special_tokens=add_special)), None
+            ids = list(tok.encode(prompt, add_special_tokens=add_special))
+            return self._fit_tokens(ids, want.truncate, num_predict), None, self._opens_thinking(ids)
         if messages is None:
             raise BadInput("request needs 'prompt' or 'messages'")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise BadInput("'messages' must be a non-empty list of objects")
         if tools is not None and not isinstance(tools, list):
             raise BadInput("'tools' must be a list")
-        template = body.get("chat_template")
-        if template is not None and not isinstance(template, str):
-            raise BadInput("'chat_template' must be a string")
+        ids = self._render(messages, tools, want.think, template)
+        if len(ids) >= self.engine.num_ctx and want.truncate:
+            ids = self._fit_messages(messages, tools, want.think, template, self._budget(num_predict))
+        return ids, tools or None, self._opens_thinking(ids) if want.think else False
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None,
+                think: bool | str | None, template: str | None) -> list[int]:
+        # The template's thinking switch: Qwen3's enable_thinking, and the effort
+        # level for templates that read one; templates without them ignore both.
+        extra: dict[str, Any] = {}
+        if think is not None:
+            extra["enable_thinking"] = bool(think)
+            if isinstance(think, str):
+                extra["reasoning_effort"] = think
+        if template:
+            extra["chat_template"] = template  # a per-request Jinja template (Ollama's `template`)
         try:
-            extra = {"chat_template": template} if template else {}
             ids = self.tokenizer.apply_chat_template(
                 messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # template errors (bad roles, missing keys) are the client's
@@ -256,43 +317,106 @@ class RunnerApp:
             ids = self.tokenizer.encode(ids, add_special_tokens=False)
         if not ids:
             raise BadInput("the rendered prompt is empty")
-        return list(ids), tools or None
+        return list(ids)
 
-    async def _stream(self, seq: Sequence, splitter: ToolCallSplitter | None) -> AsyncIterator[bytes]:
+    def _budget(self, num_predict: int) -> int:
+        """How many prompt tokens a truncated prompt may keep: room is left to answer
+        (num_predict, else a quarter of the window; never more than half of it)."""
+        ctx = self.engine.num_ctx
+        answer = num_predict if num_predict > 0 else ctx // 4
+        return max(1, ctx - max(1, min(answer, ctx // 2)))
+
+    def _fit_messages(self, messages: list[dict[str, Any]], tools: list[Any] | None,
+                      think: bool | str | None, template: str | None, budget: int) -> list[int]:
+        """As Ollama does: keep every system message and drop the oldest others until the
+        prompt fits; the last message is always kept, and alone too long is a 400."""
+        others = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+        ids: list[int] = []
+        for start in range(1, len(others)):
+            dropped = set(others[:start])
+            try:
+                ids = self._render([m for i, m in enumerate(messages) if i not in dropped], tools, think, template)
+            except BadInput:
+                continue  # e.g. a template that refuses a conversation opening with a tool answer
+            if len(ids) <= budget:
+                log.info("prompt truncated: dropped the %d oldest messages", start)
+                return ids
+        if ids and len(ids) < self.engine.num_ctx:
+            return ids  # only the system messages and the last one left: it fits, barely
+        raise BadInput(
+            f"the last message does not fit: with the system messages it is "
+            f"{len(ids) or len(self._render(messages, tools, think, template))} tokens but the context window "
+            f"(num_ctx {self.engine.num_ctx}) fits at most {self.engine.num_ctx - 1}")
+
+    def _fit_tokens(self, ids: list[int], truncate: bool, num_predict: int) -> list[int]:
+        """A raw prompt that overflows keeps its newest tokens (and its BOS), as Ollama's runner does."""
+        if len(ids) < self.engine.num_ctx or not truncate:
+            return ids
+        budget = self._budget(num_predict)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        log.info("prompt truncated: kept the last %d of %d tokens", budget - len(head), len(ids))
+        return head + ids[len(ids) - (budget - len(head)):]
+
+    def _opens_thinking(self, ids: list[int]) -> bool:
+        return self.tokenizer.decode(ids[-16:]).rstrip().endswith(THINK_OPEN)
+
+    async def _stream(self, seq: Sequence, splitter: ToolCallSplitter | None,
+                      thinking: ThinkingSplitter | None) -> AsyncIterator[bytes]:
         self.streams += 1
         done = False
+        logprobs: list[dict[str, Any]] = []  # of tokens whose text is not out yet
+
+        def text_line(text: str, final: bool = False) -> bytes | None:
+            """One line for `text` after the thinking and tool-call splits (None: nothing to send)."""
+            reasoning = ""
+            if thinking is not None:
+                reasoning, text = thinking.feed(text)
+                if final:
+                    more_reasoning, more_text = thinking.flush()
+                    reasoning, text = reasoning + more_reasoning, text + more_text
+            if splitter is not None and text:
+                text = splitter.feed(text)
+            if not (text or reasoning or (final and logprobs)):
+                return None
+            if not (reasoning or logprobs):
+                return _chunk_bytes(text)
+            line = _line(chunk_line(text, reasoning, logprobs[:]))
+            logprobs.clear()
+            return line
+
         try:
             while not done:
-                pending: list[str] = []  # text of consecutive ready events, sent as one line
+                text: list[str] = []  # consecutive ready texts, sent as one line
                 for kind, value in await _ready_events(seq):
-                    if kind == "text":
-                        pending.append(value)
-                        continue
-                    text = "".join(pending)
-                    pending = []
-                    done = True
-                    for line in self._end_lines(kind, value, text, splitter):
-                        yield line
-                    break
-                if pending:
-                    text = "".join(pending)
-                    text = splitter.feed(text) if splitter else text
-                    if text:
-                        yield _chunk_bytes(text)
+                    if kind == "logprob":
+                        logprobs.append(value)
+                    elif kind == "text":
+                        text.append(value)
+                    else:
+                        done = True
+                        for line in self._end_lines(kind, value, "".join(text), splitter, text_line):
+                            yield line
+                        text = []
+                        break
+                if text:
+                    out = text_line("".join(text))
+                    if out:
+                        yield out
         finally:
             self.streams -= 1
             if not done:  # the client went away: free the slot
                 log.info("request cancelled by client disconnect")
                 self.engine.cancel(seq)
 
-    def _end_lines(self, kind: str, value: Any, text: str,
-                   splitter: ToolCallSplitter | None) -> list[bytes]:
+    def _end_lines(self, kind: str, value: Any, text: str, splitter: ToolCallSplitter | None,
+                   text_line: Callable[..., bytes | None]) -> list[bytes]:
         """The last lines of a stream: text that arrived with the end, then the done or error line."""
-        if splitter and text:
-            text = splitter.feed(text)
-        lines = [_chunk_bytes(text)] if text else []
         if kind == "error":
-            return [*lines, _line(error_line(value))]
+            out = text_line(text) if text else None
+            return [*([out] if out else []), _line(error_line(value))]
+        out = text_line(text, final=True)
+        lines = [out] if out else []
         fields = dict(value)
         line = done_line(fields.pop("done_reason"), **fields)
         if splitter:

@@ -51,6 +51,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# The same ChatML with a Qwen3-style thinking switch: the generation prompt opens a
+# `<think>` block unless enable_thinking is false, which renders an empty one.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -128,7 +140,7 @@ def write_model(args: argparse.Namespace, out: Path) -> Path:
                 "unk_token": "<unk>",
                 "pad_token": "</s>",
                 "model_max_length": args.max_context,
-                "chat_template": CHAT_TEMPLATE,
+                "chat_template": THINKING_TEMPLATE if args.thinking else CHAT_TEMPLATE,
                 "clean_up_tokenization_spaces": False,
             },
             indent=2,
@@ -200,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-scale", type=float, default=4.0)
     p.add_argument("--quantize", action="store_true", help="4-bit, group size 32")
     p.add_argument("--license", action="store_true", help="ship a LICENSE file")
+    p.add_argument("--thinking", action="store_true", help="a chat template with a thinking switch")
     args = p.parse_args(argv)
     if not args.out and not args.hf_cache:
         p.error("give OUT_DIR or --hf-cache")

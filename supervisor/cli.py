@@ -309,7 +309,9 @@ def _request_extras(args: argparse.Namespace, options: dict[str, Any]) -> dict[s
         extra["keep_alive"] = args.keepalive
     if args.format:
         extra["format"] = _format_value(args.format)
-    # Thinking (--think / --hidethinking, /set think) adds its request fields here.
+    think = getattr(args, "think", None)
+    if think is not None:
+        extra["think"] = think
     if options:
         extra["options"] = options
     return extra
@@ -363,9 +365,43 @@ def _print_stream(events: Iterator[dict[str, Any]], key: Callable[[dict[str, Any
     return last
 
 
+def think_value(text: str) -> bool | str:
+    """--think's value as Ollama's `think`: true/false, or a level."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("low", "medium", "high"):
+        return lowered
+    raise argparse.ArgumentTypeError(f"invalid think value {text!r}: use true, false, low, medium or high")
+
+
+class ThinkPrinter:
+    """The text to print for each streamed piece: reasoning between Ollama's "Thinking..."
+    and "...done thinking." lines (or none of it with --hidethinking), then the answer."""
+
+    def __init__(self, *, hide: bool) -> None:
+        self.hide = hide
+        self.state = "before"  # before, thinking, answer
+
+    def piece(self, thinking: str, content: str) -> str:
+        out = ""
+        if thinking and not self.hide:
+            if self.state == "before":
+                out, self.state = "Thinking...\n", "thinking"
+            out += thinking
+        if content:
+            if self.state == "thinking":
+                out += "\n...done thinking.\n\n"
+            self.state = "answer"
+            out += content
+        return out
+
+
 def run_once(c: CorralClient, args: argparse.Namespace, prompt: str) -> int:
     body = {"model": args.model, "prompt": prompt, "stream": True, **_request_extras(args, {})}
-    done = _print_stream(c.stream("/api/generate", body), lambda e: str(e.get("response") or ""))
+    printer = ThinkPrinter(hide=bool(getattr(args, "hidethinking", False)))
+    done = _print_stream(c.stream("/api/generate", body), lambda e: printer.piece(
+        str(e.get("thinking") or ""), str(e.get("response") or "")))
     if args.verbose:
         print_stats(done)
     return EXIT_OK
@@ -400,6 +436,8 @@ SET_HELP = """Available Commands:
   /set quiet                  stop showing them
   /set format json            ask for JSON answers
   /set noformat               plain answers
+  /set think [LEVEL]          let a thinking model think (LEVEL: low, medium, high)
+  /set nothink                turn thinking off
 """
 
 SHOW_HELP = """Available Commands:
@@ -474,6 +512,8 @@ class Session:
             else:
                 self.options[name] = value
             print(f"Set parameter '{name}' to '{words[2]}'")
+        elif what in ("think", "nothink"):
+            self.set_think(["/set", *words])
         elif what == "system" and len(words) >= 2:
             self.system = line.split(maxsplit=2)[2].strip().strip('"')
             print("Set system message.")
@@ -486,7 +526,6 @@ class Session:
         elif what == "noformat":
             self.args.format = None
             print("Disabled format.")
-        # Thinking adds `/set think`, `/set nothink` here.
         else:
             print(SET_HELP, end="")
 
@@ -507,6 +546,18 @@ class Session:
             text = self.system
         print(text or f"No {what} was specified for this model.")
 
+    def set_think(self, words: list[str]) -> None:
+        if words[1] == "nothink":
+            self.args.think = False
+            print("Set 'nothink' mode.")
+            return
+        try:
+            self.args.think = think_value(words[2]) if len(words) >= 3 else True
+        except argparse.ArgumentTypeError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return
+        print("Set 'think' mode." if self.args.think is True else f"Set 'think' mode to '{self.args.think}'.")
+
     def answer(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -514,11 +565,13 @@ class Session:
                 **_request_extras(self.args, self.options)}
         events = self.client.stream("/api/chat", body)
         parts: list[str] = []
+        printer = ThinkPrinter(hide=bool(getattr(self.args, "hidethinking", False)))
 
         def piece(event: dict[str, Any]) -> str:
-            content = str((event.get("message") or {}).get("content") or "")
+            message = event.get("message") or {}
+            content = str(message.get("content") or "")
             parts.append(content)
-            return content
+            return printer.piece(str(message.get("thinking") or ""), content)
 
         try:
             done = _print_stream(events, piece)
@@ -626,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long the model stays loaded after the answer (5m, 1h, 0, -1)")
     run.add_argument("--nowordwrap", action="store_true", help="accepted for ollama compatibility")
     run.add_argument("--format", metavar="FORMAT", help="structured output: json, or a JSON schema inline")
-    # Thinking adds --think and --hidethinking here.
+    run.add_argument("--think", nargs="?", const=True, type=think_value, metavar="LEVEL",
+                     help="let a thinking model think (true, false, low, medium, high)")
+    run.add_argument("--hidethinking", action="store_true", help="think, but print only the answer")
 
     pull = _add(sub, "pull", cmd_pull, "download an MLX model from the Hugging Face Hub")
     pull.add_argument("model", metavar="MODEL", help="a Hub repo id, e.g. mlx-community/Qwen3-0.6B-4bit")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL
+from corral.runner.protocol import DEFAULT_NUM_PARALLEL
 from corral.supervisor.errors import BadRequest
 
 if sys.version_info >= (3, 11):
@@ -36,6 +36,20 @@ _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _COMPOUND_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _COMPOUND_FULL_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+
+
+GIB = 1 << 30
+
+
+def default_context_length(memory_bytes: int) -> int:
+    """The context length when none is configured, by Ollama's tiers of the memory the
+    models may use: under 24 GiB 4k, under 48 GiB 32k, else 256k (each load caps it at
+    the model's maximum)."""
+    if memory_bytes < 24 * GIB:
+        return 4096
+    if memory_bytes < 48 * GIB:
+        return 32768
+    return 262144
 
 
 def parse_keep_alive(value: Any, name: str = "keep_alive") -> float:
@@ -309,8 +323,9 @@ SETTINGS: tuple[Setting, ...] = (
             "sequences decoded together per model"),
     Setting("max_queue", "N", 512, _count(0),
             "waiting requests before 503 + Retry-After"),
-    Setting("context_length", "TOKENS", DEFAULT_NUM_CTX, _count(1),
-            "num_ctx per sequence (capped at the model's maximum)"),
+    Setting("context_length", "TOKENS", 0, _count(0),
+            "num_ctx per sequence (capped at the model's maximum)",
+            default_note="by memory: 4096 under 24 GiB, 32768 under 48 GiB, else 262144"),
     Setting("memory_limit", "SIZE", None, _memory_limit,
             "bytes, `24GB` or `80%`", default_note="physical memory", mutable=True,
             show=_show_memory_limit),

@@ -20,10 +20,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-EVICTION_REASONS = ("memory", "keep_alive", "single-model", "manual", "crash", "shutdown")
+EVICTION_REASONS = ("memory", "keep_alive", "single-model", "manual", "crash", "reload", "shutdown")
 """Why a runner left: memory (made room for another model), keep_alive (expired),
 single-model (CORRAL_SINGLE_MODEL made room), manual (an unload request),
-crash (the runner died by itself), shutdown (the server stopped)."""
+crash (the runner died by itself), reload (another context length was asked for),
+shutdown (the server stopped)."""
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

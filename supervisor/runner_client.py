@@ -17,6 +17,7 @@ from corral.runner.protocol import (
     Chunk,
     Done,
     RunnerRequest,
+    chunk_from_line,
     done_from_line,
 )
 from corral.supervisor.errors import BadRequest, RunnerFailed
@@ -56,7 +57,15 @@ def event_from_line(line: Any) -> StreamEvent:
         return done_from_line(line)
     if "error" in line:
         raise RunnerFailed(str(line["error"]))
-    return Chunk(str(line.get("content") or ""))
+    return chunk_from_line(line)
+
+
+def _merged(chunks: list[Chunk]) -> Chunk:
+    """Chunks that arrived together as one: their text, reasoning and logprobs in order."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk("".join(c.content for c in chunks), "".join(c.thinking for c in chunks),
+                 tuple(lp for c in chunks for lp in c.logprobs))
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
@@ -180,18 +189,18 @@ class RunnerClient:
         batches = self._batches(request.to_wire())
         try:
             async for batch in batches:
-                text: list[str] = []
+                chunks: list[Chunk] = []
                 for line in batch:
-                    if text and (line.get("done") or "error" in line):
-                        yield Chunk("".join(text))  # the text before the end goes out first
-                        text = []
+                    if chunks and (line.get("done") or "error" in line):
+                        yield _merged(chunks)  # the text before the end goes out first
+                        chunks = []
                     event = event_from_line(line)
                     if isinstance(event, Chunk):
-                        text.append(event.content)
+                        chunks.append(event)
                     else:
                         yield event
-                if text:
-                    yield Chunk("".join(text))
+                if chunks:
+                    yield _merged(chunks)
         finally:
             await batches.aclose()
 

@@ -67,7 +67,7 @@ from typing import Any, Protocol
 
 from corral.runner.protocol import RunnerRequest
 from corral.supervisor import policy
-from corral.supervisor.config import Settings
+from corral.supervisor.config import Settings, default_context_length
 from corral.supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import (
@@ -616,8 +616,17 @@ class Scheduler:
         """Requests waiting for a model: queued, or attached to a load in flight."""
         return len(self._queue) + sum(len(e.waiters) for e in self._table.values())
 
+    def _needs_reload(self, entry: _Entry, ticket: _Ticket) -> bool:
+        """Ollama's needsReload: the request names a num_ctx other than the loaded one's.
+        A request that names none takes the model with whatever context it has."""
+        if ticket.num_ctx is None:
+            return False
+        return self._shape(entry.manifest, ticket.num_ctx)[0] != entry.context_length
+
     def _shape(self, manifest: Manifest, num_ctx: int | None) -> tuple[int, int]:
         ctx = num_ctx if num_ctx and num_ctx > 0 else self.settings.context_length
+        if ctx <= 0:  # not configured: Ollama's tiers by the memory there is
+            ctx = default_context_length(self.settings.memory_limit or self.probe.total())
         if manifest.max_context > 0:
             ctx = min(ctx, manifest.max_context)
         return max(1, int(ctx)), max(1, int(self.settings.num_parallel))
@@ -748,8 +757,10 @@ class Scheduler:
             _fail(ticket.future, Busy("server is shutting down"))
             return
         entry = self._table.get(ticket.key)
-        # nobody is queued ahead for this model and it is not giving way to another
-        free = entry if entry is not None and not entry.draining and not self._queued_for(ticket.key) else None
+        # nobody is queued ahead for this model, it is not giving way to another, and its
+        # context is the one asked for (else it reloads once idle: see _serve)
+        free = (entry if entry is not None and not entry.draining and not self._queued_for(ticket.key)
+                and not self._needs_reload(entry, ticket) else None)
         if free is not None and free.leasable:  # the fast path
             self._grant(free)
             ticket.future.set_result((free, False))
@@ -913,8 +924,10 @@ class Scheduler:
         entry.phase = _Phase.GONE
         del self._table[entry.key]
 
-    def _take_tickets(self, key: str) -> list[_Ticket]:
-        taken = [t for t in self._queue if t.key == key]
+    def _take_tickets(self, key: str, ctx: int | None = None, manifest: Manifest | None = None) -> list[_Ticket]:
+        """The queued tickets for `key`; with `ctx`, only those that take that context."""
+        taken = [t for t in self._queue if t.key == key and (
+            ctx is None or manifest is None or t.num_ctx is None or self._shape(manifest, t.num_ctx)[0] == ctx)]
         for t in taken:
             self._queue.remove(t)
         return [t for t in taken if not t.future.done()]
@@ -945,13 +958,15 @@ class Scheduler:
         if entry is not None:
             # Draining marks only hold while the model that waits for them is at the head.
             self._clear_draining(())
+            if self._needs_reload(entry, head) and entry.phase is not _Phase.STOPPING:
+                return self._reload(entry)
             if entry.phase is _Phase.LOADED and entry.process.state is RunnerState.READY:
-                for t in self._take_tickets(head.key):
+                for t in self._take_tickets(head.key, entry.context_length, entry.manifest):
                     self._grant(entry)
                     t.future.set_result((entry, True))
                 return True
             if entry.phase is _Phase.LOADING:
-                entry.waiters.extend(self._take_tickets(head.key))
+                entry.waiters.extend(self._take_tickets(head.key, entry.context_length, entry.manifest))
                 return True
             return False  # stopping, or dead and not yet dropped: loaded again after its event
         if head.manifest is None:
@@ -967,6 +982,16 @@ class Scheduler:
             self._spawn(self._fetch_statuses(stale))
             return False
         return self._decide(head, head.manifest)
+
+    def _reload(self, entry: _Entry) -> bool:
+        """The head wants another context: no new leases; stop it once idle (its Stopped
+        event serves the head again, which then loads it with the new context)."""
+        if entry.phase is _Phase.LOADED:
+            entry.draining = True
+            if entry.active == 0:
+                log.info("reloading %s for another context length", entry.name)
+                self._begin_stop(entry, "reload")
+        return False
 
     def _decide(self, head: _Ticket, manifest: Manifest) -> bool:
         try:
@@ -1006,7 +1031,7 @@ class Scheduler:
             return
         entry = _Entry(key=head.key, ref=ref, manifest=manifest, process=process, estimate=need,
                        context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock())
-        entry.waiters = self._take_tickets(head.key)
+        entry.waiters = self._take_tickets(head.key, num_ctx, manifest)
         self._table[head.key] = entry
         self.loads += 1
         log.info("loading %s (ctx %d, parallel %d, need %d bytes)", ref.name, num_ctx, num_parallel, need)

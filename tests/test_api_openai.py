@@ -192,7 +192,9 @@ async def test_keep_alive_extension(client: openai.AsyncOpenAI, sched: FakeSched
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"model": 5}, "model"),
     ({"stream": "yes"}, "stream"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"stream": True, "stream_options": "usage"}, "stream_options"),
 ])

@@ -47,7 +47,7 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("pinned", "pinned", ["--pinned", "a/x,b/y"], "c/z", 'pinned = ["d/w", "e/v"]', ["a/x", "b/y"], ["c/z"], ["d/w", "e/v"], []),
     ("num_parallel", "num_parallel", ["--num-parallel", "8"], "2", "num_parallel = 6", 8, 2, 6, 4),
     ("max_queue", "max_queue", ["--max-queue", "10"], "20", "max_queue = 30", 10, 20, 30, 512),
-    ("context_length", "context_length", ["--context-length", "1024"], "2048", "context_length = 512", 1024, 2048, 512, 4096),
+    ("context_length", "context_length", ["--context-length", "1024"], "2048", "context_length = 512", 1024, 2048, 512, 0),
     ("memory_limit", "memory_limit", ["--memory-limit", "24GB"], "50%", 'memory_limit = "8GiB"', 24 * GB, 32 * GB, 8 * 1024**3, None),
     ("load_timeout", "load_timeout", ["--load-timeout", "2m"], "30", "load_timeout = 45", 120.0, 30.0, 45.0, 300.0),
     ("api_key", "api_key", ["--api-key", "flag-key"], "env-key", 'api_key = "file-key"', "flag-key", "env-key", "file-key", None),
@@ -221,7 +221,7 @@ def test_api_settings_json_of_the_defaults() -> None:
     assert settings_to_json(Settings(home=Path("/srv/corral"))) == {
         "host": "127.0.0.1:11434", "home": "/srv/corral", "keep_alive": 300.0,
         "max_loaded_models": 0, "single_model": False, "pinned": [], "num_parallel": 4,
-        "max_queue": 512, "context_length": 4096, "memory_limit": None,
+        "max_queue": 512, "context_length": 0, "memory_limit": None,
         "memory_limit_raw": None, "load_timeout": 300.0, "api_key_set": False, "origins": [],
         "allow_pull": None, "default_model": None, "runner_ports": None,
         "reserve": 512 * 1024**2,

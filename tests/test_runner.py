@@ -215,11 +215,16 @@ def test_generation_ends_at_the_context_window(runner: RunnerProcess, mlx_model:
     assert capped["prompt_eval_count"] + capped["eval_count"] <= NUM_CTX
 
 
-def test_prompt_longer_than_context_is_400(runner: RunnerProcess) -> None:
-    r = httpx.post(runner.url + "/completion", json=greedy("hello " * 400, 4))
+def test_prompt_longer_than_context_is_truncated_unless_refused(runner: RunnerProcess) -> None:
+    _, done = stream(runner.url, greedy("hello " * 400, 4))  # Ollama's runner keeps the newest tokens
+    assert NUM_CTX // 2 <= done["prompt_eval_count"] <= NUM_CTX - 4 and done["eval_count"] == 4
+    r = httpx.post(runner.url + "/completion", json={**greedy("hello " * 400, 4), "truncate": False})
     assert r.status_code == 400
     msg = r.json()["error"]
-    assert "tokens" in msg and str(NUM_CTX - 1) in msg
+    assert "tokens" in msg and str(NUM_CTX - 1) in msg and "truncate is false" in msg
+    lone = {"messages": [{"role": "user", "content": "hello " * 400}], "options": {"num_predict": 4}}
+    r = httpx.post(runner.url + "/completion", json=lone)
+    assert r.status_code == 400 and "the last message does not fit" in r.json()["error"]
 
 
 def test_seeded_sampling_is_reproducible(runner: RunnerProcess) -> None:

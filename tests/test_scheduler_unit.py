@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -643,7 +643,98 @@ async def test_metrics_count_loads_and_evictions_by_reason(make: Callable[..., A
         pass
     counts = _evictions(w)
     assert counts == {"memory": 1, "keep_alive": 2, "single-model": 1, "manual": 1, "crash": 1,
-                      "shutdown": 0}
+                      "reload": 0, "shutdown": 0}
     assert w.sched.metrics.restarts._value.get() == 1
     loads = w.sched.metrics.loads.labels("ok")._value.get()
     assert loads == w.sched.loads == 7
+
+
+async def test_other_num_ctx_reloads_once_idle(make: Callable[..., Any]) -> None:
+    """Ollama's needsReload: a request naming another num_ctx waits for the model to go
+    idle, then gets it reloaded with that context; one naming none takes what is loaded."""
+    w = await make({"a": GB})
+    held = await w.acquire("a", num_ctx=1024)
+    assert held.context_length == 1024
+    same = await w.acquire("a")  # no num_ctx: whatever is loaded
+    assert same.pid == held.pid and same.context_length == 1024
+    await same.release()
+    bigger = asyncio.create_task(w.acquire("a", num_ctx=2048))
+    await until(lambda: w.sched._table["a"].draining)
+    await settle()
+    assert not bigger.done() and w.runner("a").state is RunnerState.READY  # in use: never cut off
+    assert isinstance([e async for e in held.completion(REQUEST)][-1], Done)
+    await held.release()
+    lease = await bigger
+    assert lease.context_length == 2048 and lease.pid != held.pid
+    assert w.log == ["start a alive=[]", "stopped a", "start a alive=[]"]
+    assert [r.spec.num_ctx for r in w.runners] == [1024, 2048]
+    await lease.release()
+    again = await w.acquire("a", num_ctx=2048)  # the same context: no reload
+    assert again.pid == lease.pid and w.sched.loads == 2
+    await again.release()
+    assert _evictions(w)["reload"] == 1
+
+
+async def test_num_ctx_over_the_models_maximum_is_capped_not_reloaded(make: Callable[..., Any]) -> None:
+    w = await make({"a": GB})
+    first = await w.acquire("a", num_ctx=100_000)  # the model's maximum is 2048
+    await first.release()
+    second = await w.acquire("a", num_ctx=4096)  # capped to the same 2048: no reload
+    assert first.context_length == second.context_length == 2048 and w.sched.loads == 1
+    await second.release()
+
+
+async def test_default_context_follows_memory_tiers(make: Callable[..., Any]) -> None:
+    """With no context_length configured, Ollama's tiers by memory, capped by the model."""
+    from corral.supervisor.config import GIB, default_context_length
+
+    assert [default_context_length(g * GIB) for g in (8, 23, 24, 47, 48, 512)] == [
+        4096, 4096, 32768, 32768, 262144, 262144]
+    small = await make({"a": GB}, memory_limit=16 * GIB, context_length=0)
+    lease = await small.acquire("a")
+    assert lease.context_length == 2048  # 4096 by the tier, capped by the model's 2048
+    await lease.release()
+    assert small.sched._shape(manifest(GB), None)[0] == 2048
+    big = await make({"a": GB}, memory_limit=64 * GIB, context_length=0)
+    m = replace(manifest(GB), max_context=0)  # unknown maximum: the tier itself
+    assert big.sched._shape(m, None)[0] == 262144
+    configured = await make({"a": GB}, memory_limit=64 * GIB, context_length=1000)
+    assert configured.sched._shape(m, None)[0] == 1000
+
+
+async def test_queued_requests_for_two_contexts_each_get_their_own(make: Callable[..., Any]) -> None:
+    """FIFO holds: a request with no num_ctx queued behind a reload waits for it and shares it;
+    a loading runner is never handed to a request that asked for another context."""
+    gate = asyncio.Event()
+    w = await make({"a": GB}, {"a": Behaviour(gate=gate)})
+    small = asyncio.create_task(w.acquire("a", num_ctx=512))
+    await until(lambda: len(w.starts()) == 1)
+    big = asyncio.create_task(w.acquire("a", num_ctx=1024))
+    plain = asyncio.create_task(w.acquire("a"))
+    await settle()
+    gate.set()
+    first = await small
+    await settle()
+    assert first.context_length == 512 and not big.done() and not plain.done()
+    await first.release()
+    second, third = await big, await plain
+    assert second.context_length == third.context_length == 1024 and second.pid == third.pid
+    assert [r.spec.num_ctx for r in w.runners] == [512, 1024]
+    await second.release()
+    await third.release()
+
+
+async def test_a_load_takes_only_the_requests_for_its_context(make: Callable[..., Any]) -> None:
+    w = await make({"a": GB})
+    first = await w.acquire("a", num_ctx=512)
+    big = asyncio.create_task(w.acquire("a", num_ctx=1024))
+    small = asyncio.create_task(w.acquire("a", num_ctx=512))
+    await settle()
+    await first.release()
+    second = await big
+    await settle()
+    assert second.context_length == 1024 and not small.done()  # not handed the 1024 runner
+    await second.release()
+    third = await small
+    assert third.context_length == 512 and [r.spec.num_ctx for r in w.runners] == [512, 1024, 512]
+    await third.release()

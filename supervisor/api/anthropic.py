@@ -23,6 +23,9 @@ Decisions of ours:
 - count_tokens renders the request with the model's chat template in its
   runner (a completion of zero tokens through the one pipeline), so the count
   is the prompt the model would really read.
+- `thinking: {type: enabled, budget_tokens}` turns a thinking model's reasoning on:
+  it comes back as a `thinking` content block (signature "") before the text,
+  streamed with thinking_delta events. budget_tokens is checked, not enforced.
 """
 
 from __future__ import annotations
@@ -212,6 +215,27 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
                               "top_p": "top_p", "top_k": "top_k", "stop": "stop_sequences"})
 
 
+def _thinking(body: dict[str, Any]) -> bool | None:
+    """`thinking: {type: enabled, budget_tokens}` / `{type: disabled}` as the runner's `think`.
+
+    budget_tokens is checked but, as on Anthropic where it is a target rather than a
+    strict limit, the reasoning is bounded by max_tokens only.
+    """
+    raw = body.get("thinking")
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "disabled":
+        return False
+    if kind != "enabled":
+        raise BadRequest("thinking: must be {type: 'enabled', budget_tokens} or {type: 'disabled'}",
+                         param="thinking")
+    budget = raw.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BadRequest("thinking.budget_tokens: must be a positive integer", param="thinking")
+    return True
+
+
 # ---- one request -------------------------------------------------------------
 
 
@@ -236,8 +260,9 @@ class MessageRequest:
         keep_alive = keep_alive_field(body)
         self.tools = _tools(body)
         choice = _tool_choice(body, self.tools)
+        self.think = _thinking(body)
         runner = RunnerRequest(_options(body), messages=_messages(body), tools=self.tools,
-                               tool_choice=choice)
+                               tool_choice=choice, think=self.think)
         given = {"num_predict", *(k for k in ("temperature", "top_p", "top_k") if body.get(k) is not None)}
         if body.get("stop_sequences"):
             given.add("stop")
@@ -283,7 +308,11 @@ class MessageRequest:
     def _collected(self, answer: Collected) -> dict[str, Any]:
         done = answer.done
         text, calls = self._calls(answer.text, done)
-        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+        content: list[dict[str, Any]] = []
+        if self.think:
+            content.append({"type": "thinking", "thinking": answer.thinking, "signature": ""})
+        if text or not calls:
+            content.append({"type": "text", "text": text})
         content.extend(calls)
         return self._message(content, self._usage(done), self._stop_reason(done, bool(calls)),
                              done.stop_sequence)
@@ -292,28 +321,33 @@ class MessageRequest:
         held = ""  # with tools, text waits until we know whether it is a tool call
         start = self._message([], {"input_tokens": 0, "output_tokens": 0}, None, None)
         yield sse({"type": "message_start", "message": start}, "message_start")
-        yield sse({"type": "content_block_start", "index": 0,
-                   "content_block": {"type": "text", "text": ""}}, "content_block_start")
+        # with thinking on, block 0 is the reasoning and the text follows it at index 1
+        block = _Blocks(thinking=bool(self.think))
+        yield block.open_first()
         yield sse({"type": "ping"}, "ping")
         async for event in events:
             if isinstance(event, Done):
-                for piece in self._finish(held, event):
+                for piece in self._finish(held, event, block):
                     yield piece
                 return
+            if event.thinking:
+                yield block.thinking_delta(event.thinking)
             if self.tools:
                 held += event.content
             elif event.content:
-                yield self._text_delta(event.content)
+                for piece in block.to_text():
+                    yield piece
+                yield self._text_delta(event.content, block.index)
 
-    def _finish(self, held: str, done: Done) -> list[bytes]:
-        out: list[bytes] = []
+    def _finish(self, held: str, done: Done, block: _Blocks) -> list[bytes]:
+        out: list[bytes] = list(block.to_text())
         calls: list[dict[str, Any]] = []
         if self.tools:
             held, calls = self._calls(held, done)
             if held:
-                out.append(self._text_delta(held))
-        out.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
-        for index, call in enumerate(calls, start=1):
+                out.append(self._text_delta(held, block.index))
+        out.append(sse({"type": "content_block_stop", "index": block.index}, "content_block_stop"))
+        for index, call in enumerate(calls, start=block.index + 1):
             out.extend(self._tool_use_events(index, call))
         out.append(sse({"type": "message_delta",
                         "delta": {"stop_reason": self._stop_reason(done, bool(calls)),
@@ -323,8 +357,8 @@ class MessageRequest:
         return out
 
     @staticmethod
-    def _text_delta(text: str) -> bytes:
-        return sse({"type": "content_block_delta", "index": 0,
+    def _text_delta(text: str, index: int = 0) -> bytes:
+        return sse({"type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": text}}, "content_block_delta")
 
     @staticmethod
@@ -337,6 +371,38 @@ class MessageRequest:
                  "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["input"])}},
                 "content_block_delta"),
             sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
+        ]
+
+
+class _Blocks:
+    """Which content block a stream is in: an optional thinking block, then the text block."""
+
+    def __init__(self, *, thinking: bool) -> None:
+        self.index = 0
+        self.in_thinking = thinking
+
+    def open_first(self) -> bytes:
+        first = ({"type": "thinking", "thinking": "", "signature": ""} if self.in_thinking
+                 else {"type": "text", "text": ""})
+        return sse({"type": "content_block_start", "index": 0, "content_block": first},
+                   "content_block_start")
+
+    def thinking_delta(self, text: str) -> bytes:
+        return sse({"type": "content_block_delta", "index": self.index,
+                    "delta": {"type": "thinking_delta", "thinking": text}}, "content_block_delta")
+
+    def to_text(self) -> list[bytes]:
+        """Close the thinking block (if open) and open the text block."""
+        if not self.in_thinking:
+            return []
+        self.in_thinking = False
+        self.index += 1
+        return [
+            sse({"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "signature_delta", "signature": ""}}, "content_block_delta"),
+            sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            sse({"type": "content_block_start", "index": self.index,
+                 "content_block": {"type": "text", "text": ""}}, "content_block_start"),
         ]
 
 

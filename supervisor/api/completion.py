@@ -83,11 +83,14 @@ class CompletionRequest:
 
 @dataclass(frozen=True, slots=True)
 class Collected:
-    """A whole answer: all the text, the runner's final event, and the load wait."""
+    """A whole answer: all the text, the runner's final event, and the load wait;
+    the reasoning and the tokens' log-probabilities when the request asked for them."""
 
     text: str
     done: Done
     load_duration: float  # seconds this request waited for the model to load
+    thinking: str = ""
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 async def resolve(ctx: AppContext, name: str) -> ModelRef:
@@ -249,11 +252,16 @@ async def _start(ctx: AppContext, request: CompletionRequest, t0: float) -> Star
 async def collect(started: Started) -> Collected:
     """Read the whole answer up to its Done, then close the stream."""
     parts: list[str] = []
+    reasoning: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     try:
         async for event in started:
             if isinstance(event, Done):
-                return Collected("".join(parts), event, started.load_duration)
+                return Collected("".join(parts), event, started.load_duration,
+                                 "".join(reasoning), tuple(logprobs))
             parts.append(event.content)
+            reasoning.append(event.thinking)
+            logprobs.extend(event.logprobs)
     finally:
         await started.close()
     raise AssertionError("unreachable: Started raises when the stream ends before Done")

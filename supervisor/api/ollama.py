@@ -18,6 +18,14 @@ Decisions of ours:
   (or "length" when num_predict comes first). A schema keyword it cannot
   enforce is a 400 naming it.
 - `images` and `suffix` are not supported: 400, never silently ignored.
+- `think` (true/false/"low"/"medium"/"high") switches the chat template's thinking;
+  the runner splits the reasoning off into `thinking` (message.thinking on chat),
+  streamed as it comes. A truthy `think` on a model whose template cannot think is
+  a 400 ("... does not support thinking"), as on Ollama.
+- `logprobs` / `top_logprobs` (at most 20) add Ollama's `logprobs` list to each line.
+- A prompt over num_ctx is truncated by the runner (system messages kept, oldest
+  others dropped); `truncate: false` makes it a 400 instead. An `options.num_ctx`
+  other than the loaded model's reloads it once idle (the scheduler's needsReload).
 - Tool calls: the runner parses them when the tokenizer knows the model's
   markup (they arrive on its done line); as a fallback, when `tools` are given,
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
@@ -43,8 +51,10 @@ from corral.runner.protocol import (
     Done,
     OptionError,
     RunnerRequest,
+    check_top_logprobs,
     options_to_wire,
     parse_options,
+    parse_think,
 )
 from corral.supervisor.api.completion import Collected, CompletionRequest, Started, acquire, respond
 from corral.supervisor.api.context import AppContext
@@ -124,6 +134,10 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise BadRequest("images are not supported: corral serves text-only models", param="images")
     if body.get("suffix"):
         raise BadRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
+    if body.get("shift") is True:
+        # corral never slides the window mid-answer: generation ends with "length" at num_ctx.
+        raise BadRequest("'shift' (sliding the context window while generating) is not supported; "
+                         "generation stops at num_ctx with done_reason 'length'", param="shift")
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -172,6 +186,18 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+def _extras(body: dict[str, Any]) -> dict[str, Any]:
+    """`think`, `logprobs`, `top_logprobs` and `truncate` as RunnerRequest fields."""
+    try:
+        think = parse_think(body.get("think"))
+        top = check_top_logprobs(body.get("top_logprobs"))
+    except OptionError as e:
+        param = "think" if "'think'" in str(e) else "top_logprobs"
+        raise BadRequest(str(e), param=param) from None
+    return {"think": think, "logprobs": bool_field(body, "logprobs") or top > 0, "top_logprobs": top,
+            "truncate": bool_field(body, "truncate", True)}
+
+
 # ---- generation ----------------------------------------------------------
 
 
@@ -188,10 +214,12 @@ class Generation:
         options, num_ctx = _sampling(body)
         fmt = format_field(body.get("format"))
         self.tools = _tools(body) if chat else None
+        extras = _extras(body)
+        self.logprobs = bool(extras["logprobs"])
         if chat:
             messages = _messages(body)
             self.empty = not messages
-            runner = RunnerRequest(options, messages=messages, tools=self.tools, format=fmt)
+            runner = RunnerRequest(options, messages=messages, tools=self.tools, format=fmt, **extras)
         else:
             prompt = str_field(body, "prompt")
             system = str_field(body, "system")
@@ -200,33 +228,42 @@ class Generation:
                 raise BadRequest("'context' (Ollama's deprecated token context) is not supported by "
                                  "corral: send the conversation as /api/chat messages", param="context")
             if bool_field(body, "raw", False):
-                runner = RunnerRequest(options, prompt=prompt, format=fmt)
+                runner = RunnerRequest(options, prompt=prompt, format=fmt, **extras)
             else:
                 turns = [{"role": "system", "content": system}] if system else []
                 turns.append({"role": "user", "content": prompt})
-                runner = RunnerRequest(options, messages=turns, template=jinja_template(body), format=fmt)
+                runner = RunnerRequest(options, messages=turns, template=jinja_template(body), format=fmt,
+                                       **extras)
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive, num_ctx=num_ctx,
                                          options_set=options_given(body.get("options")))
         self.ctx = ctx
 
     def line(self, content: str, *, done: bool, calls: list[dict[str, Any]] | None = None,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra: dict[str, Any] | None = None, thinking: str = "",
+             logprobs: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": rfc3339()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
             if calls:
                 message["tool_calls"] = calls
             out["message"] = message
         else:
             out["response"] = content
+            if thinking:
+                out["thinking"] = thinking
         out["done"] = done
+        if self.logprobs and (logprobs or not done):
+            out["logprobs"] = list(logprobs)
         if extra:
             out.update(extra)
         return out
 
     def final(self, done: Done, load_duration: float, content: str = "",
-              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return self.line(content, done=True, calls=calls, extra={
+              calls: list[dict[str, Any]] | None = None, thinking: str = "",
+              logprobs: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        return self.line(content, done=True, calls=calls, thinking=thinking, logprobs=logprobs, extra={
             "done_reason": done.done_reason,
             "total_duration": _ns(time.monotonic() - self.started),
             "load_duration": _ns(load_duration),
@@ -280,8 +317,9 @@ class Generation:
             text, calls = event.content, list[dict[str, Any]]()
             if tools is not None:
                 text, calls = tools.feed(text)
-            if text or calls:
-                yield _dump(self.line(text, done=False, calls=calls))
+            if text or calls or event.thinking or event.logprobs:
+                yield _dump(self.line(text, done=False, calls=calls, thinking=event.thinking,
+                                      logprobs=event.logprobs))
 
     def _collected(self, answer: Collected) -> dict[str, Any]:
         text, calls = answer.text, list[dict[str, Any]]()
@@ -290,7 +328,7 @@ class Generation:
             text, calls = f.feed(text)
             text += f.flush()
         calls += runner_calls(answer.done)
-        return self.final(answer.done, answer.load_duration, text, calls)
+        return self.final(answer.done, answer.load_duration, text, calls, answer.thinking, answer.logprobs)
 
 
 def _stream_error(exc: CorralError) -> bytes:

@@ -16,6 +16,10 @@ official `openai` client works unchanged. Decisions of ours:
   "required" and {"type": "function", "function": {"name"}} force one call
   (grammar-constrained, arguments valid against the tool's parameters).
 - `keep_alive` (Ollama's duration) is accepted as an extension field.
+- `reasoning_effort` switches a thinking model's reasoning on ("none": off); it comes
+  back as message.reasoning_content / delta.reasoning_content.
+- Chat `logprobs` + `top_logprobs` and the legacy completions' `logprobs: N` (0-5)
+  come from the runner's real log-probabilities, in OpenAI's shapes.
 - Tool calls come from the runner's done line (`tool_calls`) or from
   `<tool_call>{json}</tool_call>` blocks in the text (the Hermes/Qwen
   convention, parsed as on the Ollama routes) when `tools` were given.
@@ -227,9 +231,52 @@ def _prompt(body: dict[str, Any]) -> str:
         raise BadRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
     if body.get("echo"):
         raise BadRequest("'echo' is not supported", param="echo")
-    if body.get("logprobs") not in (None, False, 0):
-        raise BadRequest("'logprobs' is not supported", param="logprobs")
     return prompt
+
+
+# reasoning_effort as the runner's `think`: "none" turns thinking off, "minimal" is our "low"
+_EFFORTS: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium",
+                                   "high": "high"}
+
+
+def _reasoning(body: dict[str, Any]) -> bool | str | None:
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if not isinstance(effort, str) or effort not in _EFFORTS:
+        raise BadRequest(f"'reasoning_effort' must be one of {', '.join(_EFFORTS)}", param="reasoning_effort")
+    return _EFFORTS[effort]
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> tuple[bool, int]:
+    """(report log-probabilities, alternatives per token): chat's logprobs + top_logprobs,
+    or the legacy completions' `logprobs: N`."""
+    raw = body.get("logprobs")
+    if chat:
+        wanted = bool_field(body, "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not wanted:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise BadRequest("'top_logprobs' must be an integer between 0 and 20", param="top_logprobs")
+        return wanted, top or 0
+    if raw is None:
+        return False, 0
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 5:
+        raise BadRequest("'logprobs' must be an integer between 0 and 5", param="logprobs")
+    return True, raw
+
+
+def _completion_logprobs(entries: tuple[dict[str, Any], ...] | list[dict[str, Any]],
+                         offset: int = 0) -> dict[str, Any]:
+    """The legacy completions' logprobs object from the runner's per-token entries."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+            "text_offset": offsets}
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -278,17 +325,18 @@ class Completion:
         self.include_usage = _include_usage(body) if self.stream else False
         keep_alive = keep_alive_field(body)
         fmt = _response_format(body)
-        if chat and body.get("logprobs"):
-            raise BadRequest("'logprobs' is not supported", param="logprobs")
         self.tools = _tools(body) if chat else None
         choice = _tool_choice(body, self.tools) if chat else None
         if choice is not None and fmt is not None:
             raise BadRequest("a forced tool call and response_format json cannot be combined",
                              param="tool_choice")
         options = _sampling(body)
+        self.logprobs, top = _logprobs(body, chat)
+        self.text_offset = 0  # legacy completions' logprobs count characters across chunks
+        extras: dict[str, Any] = {"logprobs": self.logprobs, "top_logprobs": top}
         runner = (RunnerRequest(options, messages=_messages(body), tools=self.tools, format=fmt,
-                                tool_choice=choice) if chat
-                  else RunnerRequest(options, prompt=_prompt(body), format=fmt))
+                                tool_choice=choice, think=_reasoning(body), **extras) if chat
+                  else RunnerRequest(options, prompt=_prompt(body), format=fmt, **extras))
         self.request = CompletionRequest(self.model, runner, keep_alive=keep_alive,
                                          options_set=_given(body))
         self.id = new_id("chatcmpl-" if chat else "cmpl-")
@@ -311,55 +359,75 @@ class Completion:
         if self.chat:
             text, calls = calls_from(text, done, tools_given=bool(self.tools))
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if answer.thinking:
+                message["reasoning_content"] = answer.thinking
             tool_calls = _openai_calls(calls)
             if tool_calls:
                 message["tool_calls"] = tool_calls
                 message["content"] = text or None
-            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+            choice: dict[str, Any] = {"index": 0, "message": message,
+                                      "logprobs": self._logprobs_out(answer.logprobs),
                                       "finish_reason": _finish_reason(done, tool_calls)}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs_out(answer.logprobs),
                       "finish_reason": _finish_reason(done, [])}
         out["choices"] = [choice]
         out["usage"] = _usage(done)
         return out
 
+    def _logprobs_out(self, entries: tuple[dict[str, Any], ...] | list[dict[str, Any]]
+                      ) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": list(entries), "refusal": None}
+        out = _completion_logprobs(entries, self.text_offset)
+        self.text_offset = (out["text_offset"][-1] + len(out["tokens"][-1])) if entries else self.text_offset
+        return out
+
     # -- streaming
 
-    def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None,
+               logprobs: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> bytes:
         out = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        lps = self._logprobs_out(logprobs) if logprobs else None
         if self.chat:
-            out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            out["choices"] = [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}]
         else:
-            out["choices"] = [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]
+            out["choices"] = [{"index": 0, "text": delta, "logprobs": lps, "finish_reason": finish}]
         return sse(out)
 
-    def _text_chunk(self, text: str) -> bytes:
-        return self._chunk({"content": text} if self.chat else text)
+    def _text_chunk(self, text: str, logprobs: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()
+                    ) -> bytes:
+        return self._chunk({"content": text} if self.chat else text, logprobs=logprobs)
 
     async def _stream(self, events: Started) -> AsyncIterator[bytes]:
         held = ""  # with tools, text is held back until we know whether it is a tool call
+        held_logprobs: list[dict[str, Any]] = []
         if self.chat:
             yield self._chunk({"role": "assistant", "content": "", "refusal": None})
         async for event in events:
             if isinstance(event, Done):
-                for chunk in self._finish(held, event):
+                for chunk in self._finish(held, event, held_logprobs):
                     yield chunk
                 yield b"data: [DONE]\n\n"
                 return
+            if event.thinking and self.chat:
+                yield self._chunk({"reasoning_content": event.thinking})
             if self.tools:
                 held += event.content
-            elif event.content:
-                yield self._text_chunk(event.content)
+                held_logprobs.extend(event.logprobs)
+            elif event.content or event.logprobs:
+                yield self._text_chunk(event.content, event.logprobs)
 
-    def _finish(self, held: str, done: Done) -> list[bytes]:
+    def _finish(self, held: str, done: Done, held_logprobs: list[dict[str, Any]]) -> list[bytes]:
         chunks: list[bytes] = []
         calls: list[dict[str, Any]] = []
         if self.chat:
             text, raw_calls = calls_from(held, done, tools_given=bool(self.tools))
             calls = _openai_calls(raw_calls)
-            if text:
-                chunks.append(self._text_chunk(text))
+            if text or held_logprobs:
+                chunks.append(self._text_chunk(text, held_logprobs))
             if calls:
                 chunks.append(self._chunk({"tool_calls": [
                     {"index": i, **c} for i, c in enumerate(calls)]}))
