@@ -11,7 +11,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from corral.supervisor.api import access, anthropic, embed, manage, ollama, openai, unsupported
+from corral.supervisor.api import (
+    access,
+    anthropic,
+    embed,
+    manage,
+    ollama,
+    openai,
+    status,
+    unsupported,
+)
+from corral.supervisor.api.completion import current_route
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.errors import error_response, family_for_path
 from corral.supervisor.errors import CorralError, PayloadTooLarge
@@ -63,6 +73,18 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class RouteMiddleware:
+    """Makes the request path known to the completion pipeline (its request log and metrics)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            current_route.set(scope.get("path", ""))
+        await self.app(scope, receive, send)
+
+
 class CatchAllMiddleware:
     """Unknown exceptions become a 500 in the family's shape; the server keeps serving."""
 
@@ -110,11 +132,11 @@ def collect_routes(ctx: AppContext) -> list[BaseRoute]:
     # Ollama's last: it owns "/" and its routes never shadow the others'. The
     # routes corral does not serve come after every served one.
     return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *embed.routes(ctx),
-            *ollama.routes(ctx), *unsupported.routes(ctx)]
+            *status.routes(ctx), *ollama.routes(ctx), *unsupported.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:
-    return [Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware), *access.middleware(ctx.settings)]
+    return [Middleware(RouteMiddleware), Middleware(CatchAllMiddleware), Middleware(BodyLimitMiddleware), *access.middleware(ctx.settings)]
 
 
 def create_app(ctx: AppContext) -> Starlette:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -161,8 +162,20 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def _named(model: str) -> Iterator[None]:
+    """A 404 about `model` says it is not found (the server's "try pulling it first" is
+    advice for running a model, not for stopping or removing one)."""
+    try:
+        yield
+    except ServerError as e:
+        if e.status == 404:
+            raise ServerError(404, f"model '{model}' not found") from None
+        raise
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with _client(args) as c, _named(args.model):
         c.unload(args.model)
     return EXIT_OK
 
@@ -170,7 +183,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as c:
         for model in args.models:
-            c.delete(model)  # the server stops a loaded model before removing it
+            with _named(model):
+                c.delete(model)  # the server stops a loaded model before removing it
             print(f"deleted '{model}'")
     return EXIT_OK
 
@@ -611,11 +625,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ServerError(0, "no prompt: give one as arguments or on stdin")
     with _client(args) as c:
         _ensure_local(c, args.model)
+        if not prompt or sys.stderr.isatty():
+            # Load now: on a terminal with a spinner; interactively so the first answer does
+            # not wait on the load (a no-op when the model is loaded already).
+            _load(c, args)
         if prompt:
             return run_once(c, args, prompt)
-        # Load it now, so the first answer does not wait on the load.
-        c.request("POST", "/api/generate", {"model": args.model, **_request_extras(args, {})})
         return Session(c, args).loop()
+
+
+def _load(c: CorralClient, args: argparse.Namespace) -> None:
+    """Load the model (an empty generate); on a terminal a spinner names it meanwhile, as Ollama's does."""
+    body = {"model": args.model, **_request_extras(args, {})}
+    if not sys.stderr.isatty():
+        c.request("POST", "/api/generate", body)
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"loading {args.model}", spinner="dots"):
+        c.request("POST", "/api/generate", body)
 
 
 # ---- parser -------------------------------------------------------------------
@@ -636,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from corral.supervisor import serve as server
 
-    serve = sub.add_parser("serve", help="start the server")
+    serve = sub.add_parser("serve", help="start the server",
+                           description="start the server: the Ollama, OpenAI and Anthropic APIs on one "
+                                       "port, each model in its own runner process")
     server.add_serve_arguments(serve)
     serve.set_defaults(func=server.run_serve)
 

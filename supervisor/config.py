@@ -160,14 +160,23 @@ def parse_host(value: str) -> tuple[str, int]:
     text = text.rstrip("/")
     host, port = text, DEFAULT_PORT
     if text.startswith("["):
-        end = text.index("]")
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"host {value!r}: no closing ']'")
         host, rest = text[1:end], text[end + 1 :]
         if rest.startswith(":"):
-            port = int(rest[1:])
+            port = _port(value, rest[1:])
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-        port = int(port_text)
+        port = _port(value, port_text)
     return host or DEFAULT_ADDRESS, port
+
+
+def _port(value: str, text: str) -> int:
+    """The port of host `value`, or a ValueError that names the bad value."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError(f"host {value!r}: port {text!r} is not a number from 0 to 65535")
+    return int(text)
 
 
 # ---- the settings table -----------------------------------------------------
@@ -279,6 +288,23 @@ def _key_file(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: path, "api_key": key}
 
 
+def parse_port_range(raw: Any) -> tuple[int, int] | None:
+    """"40000-40999" -> (40000, 40999); empty -> None (any free port)."""
+    if raw in (None, ""):
+        return None
+    low, sep, high = str(raw).strip().partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise BadRequest(f"runner_ports must look like LOW-HIGH (e.g. 40000-40999), got {raw!r}")
+    first, last = int(low), int(high)
+    if not 1 <= first <= last <= 65535:
+        raise BadRequest(f"runner_ports out of range: {raw!r} (1-65535, LOW <= HIGH)")
+    return first, last
+
+
+def _port_range(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_port_range(raw)}
+
+
 def _text(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: str(raw) if raw not in (None, "") else None}
 
@@ -307,6 +333,11 @@ def _show_address(s: Settings, name: str) -> dict[str, Any]:
 
 def _show_memory_limit(s: Settings, name: str) -> dict[str, Any]:
     return {name: s.memory_limit, f"{name}_raw": s.memory_limit_raw}
+
+
+def _show_port_range(s: Settings, name: str) -> dict[str, Any]:
+    ports = getattr(s, name)
+    return {name: f"{ports[0]}-{ports[1]}" if ports else None}
 
 
 def _show_is_set(s: Settings, name: str) -> dict[str, Any]:
@@ -393,6 +424,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`*` or patterns: generate/chat may pull a missing model", default_note="no", bare="*"),
     Setting("default_model", "MODEL", None, _text,
             "model for Anthropic/OpenAI names that are not local (`claude-*`)", default_note="none"),
+    Setting("runner_ports", "LOW-HIGH", None, _port_range,
+            "ports the runners listen on (loopback), e.g. `40000-40999`", default_note="any free port",
+            show=_show_port_range),
     Setting("reserve", "SIZE", "512MiB", _bytes,
             "memory kept free for the OS and the supervisor", flag=False),
     Setting("prompt_cache", "SIZE|SHARE", DEFAULT_PROMPT_CACHE, _cache_budget,
@@ -443,6 +477,7 @@ class Settings:
     models_dirs: list[Path] = field(default_factory=_default("models_dirs"))  # []: home and the HF cache
     allow_pull: str | None = field(default_factory=_default("allow_pull"))  # None: no; "*" or comma-separated fnmatch patterns
     default_model: str | None = field(default_factory=_default("default_model"))  # Anthropic/OpenAI names that are not local map here
+    runner_ports: tuple[int, int] | None = field(default_factory=_default("runner_ports"))  # None: any free port
     reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor
     prompt_cache: str = field(default_factory=_default("prompt_cache"))  # size or share, resolved per model
     kv_disk: int = field(default_factory=_default("kv_disk"))  # bytes of disk-tier prompt caches, all models

@@ -72,10 +72,23 @@ _TRANSITIONS: dict[RunnerState, frozenset[RunnerState]] = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> int:
+    """A port free on `host` now: any, or one in the inclusive range `ports` (CORRAL_RUNNER_PORTS)."""
+    if ports is None:
+        candidates: Sequence[int] = (0,)
+    else:  # from a random point, so runners started together rarely race for one port
+        span = range(ports[0], ports[1] + 1)
+        start = secrets.randbelow(len(span))
+        candidates = [*span[start:], *span[:start]]
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RunnerFailed(f"no free port for a runner in CORRAL_RUNNER_PORTS {ports[0]}-{ports[1]}"
+                       if ports else "no free port for a runner")
 
 
 def _slug(name: str) -> str:
@@ -97,9 +110,11 @@ class RunnerProcess:
         stop_grace: float = STOP_GRACE,
         standby: bool = False,
         env: Mapping[str, str] | None = None,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         self.env = dict(env or {})  # runner settings (runner_env); a standby gets them on stdin
         self.standby = standby  # spawned with --model -, model assigned on stdin
+        self.ports = ports  # the range its port comes from (CORRAL_RUNNER_PORTS); None: any
         self.name = name
         self.model_dir = Path(model_dir)
         self.home = Path(home)
@@ -181,7 +196,7 @@ class RunnerProcess:
 
     async def spawn(self) -> None:
         """Start the process (a standby waits for `adopt` + `start`); returns at once."""
-        self.port = free_port(self.host)
+        self.port = free_port(self.host, self.ports)
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
@@ -435,9 +450,11 @@ class StandbyFactory:
     RSS on the CPU backend); it is refilled in the background after each use.
     """
 
-    def __init__(self, home: Path, *, command: Sequence[str] = DEFAULT_COMMAND) -> None:
+    def __init__(self, home: Path, *, command: Sequence[str] = DEFAULT_COMMAND,
+                 ports: tuple[int, int] | None = None) -> None:
         self.home = Path(home)
         self.command = tuple(command)
+        self.ports = ports
         self._spare: RunnerProcess | None = None
         self._filling: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Future[None]] = set()
@@ -456,7 +473,7 @@ class StandbyFactory:
             task.add_done_callback(self._stopping.discard)
         return RunnerProcess(spec.name, spec.model_dir, home=self.home, num_ctx=spec.num_ctx,
                              num_parallel=spec.num_parallel, command=self.command,
-                             env=getattr(spec, "env", None))
+                             env=getattr(spec, "env", None), ports=self.ports)
 
     def refill(self) -> None:
         """Spawn a spare in the background if there is none."""
@@ -466,10 +483,10 @@ class StandbyFactory:
 
     async def _fill(self) -> None:
         spare = RunnerProcess("standby", Path("-"), home=self.home, num_ctx=0, num_parallel=1,
-                              command=self.command, standby=True)
+                              command=self.command, standby=True, ports=self.ports)
         try:
             await spare.spawn()
-        except OSError as e:  # spawn has stopped anything it started
+        except (OSError, RunnerFailed) as e:  # spawn has stopped anything it started
             log.warning("could not start a standby runner: %s", e)
             await spare.stop()
             return

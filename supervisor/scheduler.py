@@ -78,6 +78,7 @@ from corral.supervisor.memory import (
     estimate_need,
     footprint,
 )
+from corral.supervisor.metrics import Metrics
 from corral.supervisor.process import (
     RunnerProcess,
     RunnerState,
@@ -259,6 +260,7 @@ class _Entry:
     timer: TimerHandle | None = None
     timer_gen: int = 0  # which timer is current: a stale TimerExpired carries an older one
     on_stopped: list[asyncio.Future[bool]] = field(default_factory=list)  # unload() callers
+    load_started: float = field(default_factory=time.monotonic)  # for the load-seconds metric
 
     @property
     def name(self) -> str:
@@ -495,7 +497,8 @@ class Scheduler:
         self.estimate = estimate
         self.probe: MemoryProbe = probe if probe is not None else SystemMemoryProbe()
         # Default: real runners, with a standby process kept ready (see StandbyFactory).
-        self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home)
+        self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home,
+                                                                                    ports=settings.runner_ports)
         self.clock = clock  # unix time, for last_used and expires_at
         self.timers: Timers = timers if timers is not None else LoopTimers()
         # Written only by the dispatcher (see the module doc; tests/test_scheduler_writers.py checks it).
@@ -509,6 +512,7 @@ class Scheduler:
         self._closing = False
         self._pinned_cache: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
         self.loads = 0  # runners started (for tests and /api/ps debugging)
+        self.metrics = Metrics()  # observed by the dispatcher (loads, evictions) and the pipeline
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -630,6 +634,10 @@ class Scheduler:
                 prompt_cache=dict(e.status.get("prompt_cache") or {}),
             ))
         return rows
+
+    def queue_depth(self) -> int:
+        """Requests waiting for a model now (for /metrics)."""
+        return self._waiting()
 
     async def _release(self, entry: _Entry, keep_alive: float | None) -> None:
         """Lease.release: the dispatcher applies it; returns once it has."""
@@ -856,7 +864,7 @@ class Scheduler:
         ka = self._keep_alive_of(entry.keep_alive)
         pinned = self._is_pinned(entry.key)
         if entry.unload_when_idle or (ka == 0 and not pinned):
-            self._begin_stop(entry)
+            self._begin_stop(entry, "manual" if entry.unload_when_idle else "keep_alive")
         elif ka > 0 and not pinned:
             entry.expires_at = entry.last_used + ka
             self._set_timer(entry, ka)
@@ -882,11 +890,12 @@ class Scheduler:
         entry.timer = None
         if entry.active == 0 and not self._is_pinned(entry.key):
             log.info("keep_alive expired for %s; unloading", entry.name)
-            self._begin_stop(entry)
+            self._begin_stop(entry, "keep_alive")
 
     def _on_runner_exit(self, entry: _Entry) -> None:
         """The runner died by itself: drop it so the next request loads it again."""
         if entry.phase is _Phase.LOADED:
+            self.metrics.observe_eviction("crash")
             self._drop(entry)
 
     def _on_unload(self, event: _Unload) -> None:
@@ -895,7 +904,7 @@ class Scheduler:
             _answer(event.done, False)
         elif entry.phase is _Phase.STOPPING or entry.active == 0:
             entry.on_stopped.append(event.done)  # answered once it is reaped
-            self._begin_stop(entry)
+            self._begin_stop(entry, "manual")
         else:
             entry.unload_when_idle = True
             _answer(event.done, True)
@@ -925,6 +934,7 @@ class Scheduler:
             error = RunnerFailed(entry.process.failure_message(f"runner for '{entry.name}' exited"))
         waiters = [t for t in entry.waiters if not t.future.done()]
         entry.waiters = []
+        self.metrics.observe_load(time.monotonic() - entry.load_started, ok=error is None)
         if error is not None:
             self._drop(entry)
             for t in waiters:
@@ -966,7 +976,7 @@ class Scheduler:
             for t in entry.waiters:
                 _fail(t.future, Busy("server is shutting down"))
             entry.waiters = []
-            self._begin_stop(entry)
+            self._begin_stop(entry, "shutdown")
 
     def _grant(self, entry: _Entry) -> None:
         entry.active += 1
@@ -974,10 +984,12 @@ class Scheduler:
         entry.expires_at = None
         self._cancel_timer(entry)
 
-    def _begin_stop(self, entry: _Entry) -> None:
-        """Evict: a task stops the runner; the entry leaves the table only once it is reaped."""
+    def _begin_stop(self, entry: _Entry, reason: str) -> None:
+        """Evict (reason: one of metrics.EVICTION_REASONS): a task stops the runner; the
+        entry leaves the table only once it is reaped."""
         if entry.phase in (_Phase.STOPPING, _Phase.GONE):
             return
+        self.metrics.observe_eviction(reason)
         self._cancel_timer(entry)
         entry.phase = _Phase.STOPPING
         self._spawn(self._stop_runner(entry))
@@ -1057,7 +1069,7 @@ class Scheduler:
             entry.draining = True
             if entry.active == 0:
                 log.info("reloading %s for another context length", entry.name)
-                self._begin_stop(entry)
+                self._begin_stop(entry, "reload")
         return False
 
     def _decide(self, head: _Ticket, manifest: Manifest) -> bool:
@@ -1085,7 +1097,7 @@ class Scheduler:
         if victims:  # stop them all; decide again once each one's Stopped has arrived
             for v in victims:
                 v.draining = True  # no new leases while the victims stop
-                self._begin_stop(v)
+                self._begin_stop(v, "single-model" if self.settings.single_model else "memory")
             return False
         self._clear_draining(())
         self._start_load(head, manifest, num_ctx, num_parallel, need)

@@ -37,6 +37,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             help=_help(setting), **extra)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (stderr)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="also log uvicorn's access line per HTTP request (off: the supervisor "
+                             "logs one line per completion request)")
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,8 +93,8 @@ def build_context(settings: Settings) -> Any:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per request comes from uvicorn's access log; the supervisor's own
-    # calls to its runners would double every line, so httpx logs only problems.
+    # One line per completion request comes from the pipeline's request log; the
+    # supervisor's own calls to its runners would double it, so httpx logs only problems.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -117,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     settings.home.mkdir(parents=True, exist_ok=True)
     app = create_app(build_context(settings))
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=True,
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=bool(getattr(args, "access_log", False)),
                             timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it is done; with these

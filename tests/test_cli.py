@@ -181,6 +181,36 @@ def test_unknown_model_errors(server: ServerProcess) -> None:
         assert "nobody/nothing" in lines[-1] or "not found" in lines[-1] or "does not exist" in lines[-1]
 
 
+@pytest.mark.parametrize("command", ["stop", "rm"])
+def test_stop_and_rm_of_an_unknown_name_say_not_found(server: ServerProcess, command: str) -> None:
+    result = corral(server, command, "nobody/nothing")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: model 'nobody/nothing' not found"
+
+
+def test_ps_columns_match_the_readme(server: ServerProcess) -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = re.search(r"corral ps +# loaded models: ([A-Z ]+)", readme)
+    assert documented is not None
+    header = corral(server, "ps").stdout.splitlines()[0].split()
+    assert header == documented.group(1).split()
+
+
+def test_serve_with_a_bad_host_is_one_line() -> None:
+    result = corral(None, "serve", "--host", "nonsense:abc")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == ("corral: invalid configuration: host 'nonsense:abc': port 'abc' is not a "
+                         "number from 0 to 65535")
+    assert not any("Traceback" in line or "invalid literal" in line for line in lines)
+
+
+def test_serve_help_has_a_description() -> None:
+    result = corral(None, "serve", "--help")
+    assert result.returncode == 0
+    assert "start the server:" in result.stdout and "--access-log" in result.stdout
+
+
 def test_server_error_on_bad_name(server: ServerProcess) -> None:
     result = corral(server, "show", "../../etc/passwd")
     assert result.returncode == 1
@@ -319,9 +349,9 @@ def _take_terminal() -> None:
 class Terminal:
     """`corral run MODEL` on a pty; expect() reads until a pattern shows up."""
 
-    def __init__(self, server: ServerProcess, *args: str) -> None:
+    def __init__(self, server: ServerProcess, *args: str, term: str = "dumb") -> None:
         self.master, slave = os.openpty()
-        env = {**os.environ, "CORRAL_HOST": f"127.0.0.1:{server.port}", "TERM": "dumb",
+        env = {**os.environ, "CORRAL_HOST": f"127.0.0.1:{server.port}", "TERM": term,
                "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", *args], cwd=ROOT,
                                      env=env, stdin=slave, stdout=slave, stderr=slave,
@@ -371,6 +401,21 @@ def term(server: ServerProcess) -> Iterator[Terminal]:
     t = Terminal(server, TINY)
     try:
         yield t
+    finally:
+        t.kill()
+
+
+def test_run_shows_a_spinner_naming_the_model_while_it_loads(server: ServerProcess) -> None:
+    corral(server, "stop", TINY)
+    deadline = time.monotonic() + 30
+    while TINY in corral(server, "ps").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    t = Terminal(server, TINY, term="xterm-256color")
+    try:
+        t.expect(f"loading {re.escape(TINY)}")
+        t.expect(">>> ")
+        t.send("/bye\n")
+        assert t.wait() == 0
     finally:
         t.kill()
 

@@ -59,6 +59,7 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("models_dirs", "models_dirs", ["--models-dirs", "/m/a,/m/b"], "/e", 'models_dirs = ["/f"]', [Path("/m/a"), Path("/m/b")], [Path("/e")], [Path("/f")], []),
     ("allow_pull", "allow_pull", ["--allow-pull"], "mlx-community/*", 'allow_pull = "org/*"', "*", "mlx-community/*", "org/*", None),
     ("default_model", "default_model", ["--default-model", "f/m"], "e/m", 'default_model = "c/m"', "f/m", "e/m", "c/m", None),
+    ("runner_ports", "runner_ports", ["--runner-ports", "40000-40009"], "41000-41009", 'runner_ports = "42000-42009"', (40000, 40009), (41000, 41009), (42000, 42009), None),
     ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
     ("prompt_cache", "prompt_cache", ["--prompt-cache", "1GiB"], "10%", 'prompt_cache = "0"', "1GiB", "10%", "0", "25%"),
     ("kv_disk", "kv_disk", ["--kv-disk", "1KiB"], "2KiB", 'kv_disk = "0"', 1024, 2048, 0, 4 * 1024**3),
@@ -246,9 +247,11 @@ def test_api_settings_json_of_the_defaults() -> None:
         "max_queue": 512, "context_length": 0, "memory_limit": None,
         "memory_limit_raw": None, "load_timeout": 300.0, "stall_timeout": 60.0, "drain_timeout": 120.0,
         "api_key_set": False, "api_key_file": None, "origins": [], "allowed_hosts": [],
-        "models_dirs": [], "allow_pull": None, "default_model": None, "reserve": 512 * 1024**2,
-        "prompt_cache": "25%", "kv_disk": 4 * 1024**3,
+        "models_dirs": [], "allow_pull": None, "default_model": None, "runner_ports": None,
+        "reserve": 512 * 1024**2, "prompt_cache": "25%", "kv_disk": 4 * 1024**3,
     }
+    ports = Settings(runner_ports=(40000, 40999))
+    assert settings_to_json(ports)["runner_ports"] == "40000-40999"
 
 
 # One valid value for each setting PATCH may change, and the field values it gives.
@@ -283,7 +286,7 @@ def test_patch_memory_limit_null_means_physical_memory_again() -> None:
 def test_serve_flags_are_the_declared_ones() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    flags = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help", "--log-level"}
+    flags = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help", "--log-level", "--access-log"}
     assert flags == {s.flag_name for s in SETTINGS if s.flag}
     text = parser.format_help()
     for s in SETTINGS:
@@ -341,3 +344,11 @@ def test_client_reaches_the_address_serve_binds(tmp_path: Path, raw: str, url: s
 def test_client_rejects_a_bad_address() -> None:
     with pytest.raises(ClientError, match="invalid server address"):
         base_url("localhost:http")
+
+
+def test_runner_ports_setting() -> None:
+    assert Settings().runner_ports is None
+    assert load_settings({"runner_ports": "40000-40999"}, env={}).runner_ports == (40000, 40999)
+    for bad in ("40000", "a-b", "5-4", "0-10", "1-70000"):
+        with pytest.raises(BadRequest, match="runner_ports"):
+            load_settings({"runner_ports": bad}, env={})

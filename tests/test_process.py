@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -200,3 +201,25 @@ async def test_stop_while_loading_ends_the_start(tmp_path: Path) -> None:
     with pytest.raises(RunnerFailed, match="stopped while loading"):
         await loading
     assert p.state is RunnerState.STOPPED and gone(p.pid)
+
+
+async def test_runner_port_comes_from_the_configured_range(tmp_path: Path) -> None:
+    port = free_port()
+    p = RunnerProcess("m", tmp_path / "model", home=tmp_path, num_ctx=256, num_parallel=2,
+                      command=(sys.executable, FAKE), ports=(port, port))
+    await p.start(timeout=60)
+    try:
+        assert p.port == port and p.state is RunnerState.READY
+        assert await p.client.tokenize("ab") == [97, 98]
+    finally:
+        await p.stop()
+
+
+def test_free_port_in_a_range() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        with pytest.raises(RunnerFailed, match=f"CORRAL_RUNNER_PORTS {busy}-{busy}"):
+            free_port("127.0.0.1", (busy, busy))
+    low = free_port()
+    assert low <= free_port("127.0.0.1", (low, low + 5)) <= low + 5

@@ -27,6 +27,7 @@ from corral.supervisor.errors import (
 )
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import NeedEstimate
+from corral.supervisor.metrics import EVICTION_REASONS
 from corral.supervisor.process import RunnerState
 from corral.supervisor.runner_client import StreamEvent
 from corral.supervisor.scheduler import Lease, RunnerSpec, Scheduler
@@ -612,6 +613,42 @@ async def test_shutdown_stops_everything_and_refuses_new_work(make: Callable[...
     assert await w.sched.unload("a") is False
 
 
+def _evictions(w: World) -> dict[str, float]:
+    return {reason: w.sched.metrics.evictions.labels(reason)._value.get() for reason in EVICTION_REASONS}
+
+
+async def test_metrics_count_loads_and_evictions_by_reason(make: Callable[..., Any]) -> None:
+    w = await make({"a": 6 * GB, "b": 6 * GB, "c": GB, "d": GB, "e": GB})
+    async with await w.acquire("a"):
+        pass
+    async with await w.acquire("b"):  # a goes to make room
+        pass
+    assert _evictions(w)["memory"] == 1
+    await (await w.acquire("c", keep_alive=5)).release()
+    w.clock.advance(5)
+    await until(lambda: "c" not in w.names())
+    await (await w.acquire("c", keep_alive=0)).release()
+    await until(lambda: "c" not in w.names())
+    assert _evictions(w)["keep_alive"] == 2
+    assert await w.sched.unload("b") is True
+    assert _evictions(w)["manual"] == 1
+    lease = await w.acquire("d")
+    w.runner("d").crash()
+    await until(lambda: "d" not in w.names())
+    await lease.release()
+    w.settings.single_model = True
+    async with await w.acquire("c"):
+        pass
+    async with await w.acquire("e"):
+        pass
+    counts = _evictions(w)
+    assert counts == {"memory": 1, "keep_alive": 2, "single-model": 1, "manual": 1, "crash": 1,
+                      "reload": 0, "shutdown": 0}
+    assert w.sched.metrics.restarts._value.get() == 1
+    loads = w.sched.metrics.loads.labels("ok")._value.get()
+    assert loads == w.sched.loads == 7
+
+
 async def test_other_num_ctx_reloads_once_idle(make: Callable[..., Any]) -> None:
     """Ollama's needsReload: a request naming another num_ctx waits for the model to go
     idle, then gets it reloaded with that context; one naming none takes what is loaded."""
@@ -635,6 +672,7 @@ async def test_other_num_ctx_reloads_once_idle(make: Callable[..., Any]) -> None
     again = await w.acquire("a", num_ctx=2048)  # the same context: no reload
     assert again.pid == lease.pid and w.sched.loads == 2
     await again.release()
+    assert _evictions(w)["reload"] == 1
 
 
 async def test_num_ctx_over_the_models_maximum_is_capped_not_reloaded(make: Callable[..., Any]) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +35,7 @@ from corral.runner.protocol import Chunk, Done, RunnerRequest
 from corral.supervisor import pull
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.errors import CorralError, ModelNotFound, RunnerFailed
+from corral.supervisor.metrics import RequestRecord, request_log_line
 from corral.supervisor.scheduler import Lease
 from corral.supervisor.store import ModelDefaults, ModelRef
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -43,6 +46,27 @@ log = logging.getLogger("corral")
 Event = Chunk | Done
 
 SSE = "text/event-stream"
+
+current_route: ContextVar[str] = ContextVar("corral_route", default="")
+"""The request path, set by the app's RouteMiddleware, for the request log and metrics."""
+
+
+def _family(route: str) -> str:
+    if route.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai" if route.startswith("/v1/") else "ollama"
+
+
+def record_request(ctx: AppContext, model: str, t0: float, *, status: int, ttft: float | None,
+                   done: Done | None, error: str = "") -> None:
+    """The one place a completion request is observed: one log line and the metrics."""
+    route = current_route.get()
+    rec = RequestRecord(family=_family(route), route=route or "-", model=model, status=status, ttft=ttft,
+                        duration=time.perf_counter() - t0,
+                        tokens_in=done.prompt_eval_count if done else 0,
+                        tokens_out=done.eval_count if done else 0, error=error)
+    log.info("%s", request_log_line(rec))
+    ctx.scheduler.metrics.observe_request(rec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +155,19 @@ class Started:
     sequence (if still going) and releases the lease.
     """
 
-    def __init__(self, lease: Lease, stream: AsyncIterator[Event], first: Event) -> None:
+    def __init__(self, lease: Lease, stream: AsyncIterator[Event], first: Event, *,
+                 ctx: AppContext | None = None, model: str = "", t0: float = 0.0) -> None:
         self.lease = lease
         self._stream = stream
         self._first: Event | None = first
         self._finished = False  # the Done event came: the stream may end now
         self._closed = False
+        self._ctx = ctx  # None: not recorded (the request log and metrics)
+        self._model = model
+        self._t0 = t0
+        self._ttft = time.perf_counter() - t0
+        self._done: Done | None = None
+        self.error = ""  # what ended the stream early, for the request log
 
     @property
     def load_duration(self) -> float:
@@ -160,13 +191,20 @@ class Started:
                 raise RunnerFailed("the model's stream ended without a final line") from None
         if isinstance(event, Done):
             self._finished = True
+            self._done = event
         return event
 
     async def close(self) -> None:
         """Idempotent: close the runner stream and release the lease, shielded from cancellation."""
         if not self._closed:
             self._closed = True
-            await _abandon(self.lease, self._stream)
+            try:
+                await _abandon(self.lease, self._stream)
+            finally:
+                if self._ctx is not None:
+                    error = self.error or ("" if self._finished else "ended before its final event")
+                    record_request(self._ctx, self._model, self._t0, status=200, ttft=self._ttft,
+                                   done=self._done, error=error)
 
 
 async def _abandon(lease: Lease, stream: AsyncIterator[Event]) -> None:
@@ -187,6 +225,15 @@ async def start(ctx: AppContext, request: CompletionRequest) -> Started:
     Errors up to here (no such model, a runner refusing the request) raise, so
     they become the family's HTTP error; the lease is released on the way out.
     """
+    t0 = time.perf_counter()
+    try:
+        return await _start(ctx, request, t0)
+    except CorralError as e:
+        record_request(ctx, request.model, t0, status=e.status, ttft=None, done=None, error=e.message)
+        raise
+
+
+async def _start(ctx: AppContext, request: CompletionRequest, t0: float) -> Started:
     ref = await resolve(ctx, request.model)
     request = apply_model_defaults(request, ref.defaults)
     lease = await ctx.scheduler.acquire(ref, keep_alive=request.keep_alive, num_ctx=request.num_ctx)
@@ -199,7 +246,7 @@ async def start(ctx: AppContext, request: CompletionRequest) -> Started:
     except BaseException:
         await _abandon(lease, stream)
         raise
-    return Started(lease, stream, first)
+    return Started(lease, stream, first, ctx=ctx, model=request.model, t0=t0)
 
 
 async def collect(started: Started) -> Collected:
@@ -234,7 +281,9 @@ async def _guarded(started: Started, body: AsyncIterator[bytes],
         async for piece in body:
             yield piece
     except Exception as e:  # after the 200 went out, an in-band error is all that is left
-        yield stream_error(as_corral_error(e, where))
+        error = as_corral_error(e, where)
+        started.error = error.message
+        yield stream_error(error)
     finally:
         await started.close()
 

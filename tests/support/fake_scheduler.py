@@ -28,6 +28,7 @@ from corral.supervisor.api.context import AppContext
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import CorralError, ModelNotFound
 from corral.supervisor.manifest import Manifest
+from corral.supervisor.metrics import Metrics
 from corral.supervisor.names import display_name, normalize_name, tagged_name
 from corral.supervisor.runner_client import StreamEvent, event_from_line
 from corral.supervisor.scheduler import LoadedModel
@@ -199,6 +200,16 @@ class AcquireCall:
     num_ctx: int | None
 
 
+class FakeProbe:
+    """A machine with 64 GiB, half of it free."""
+
+    def total(self) -> int:
+        return 64 << 30
+
+    def available(self) -> int:
+        return 32 << 30
+
+
 @dataclass
 class FakeScheduler:
     """Resolves names through the store, hands out FakeLeases, keeps a fake /api/ps table.
@@ -223,6 +234,12 @@ class FakeScheduler:
     started: bool = False
     stopped: bool = False
     line_delay: float = 0.0  # seconds between scripted lines (a slow runner)
+    metrics: Metrics = field(default_factory=Metrics)
+    probe: FakeProbe = field(default_factory=lambda: FakeProbe())
+    waiting: int = 0  # what queue_depth() reports
+
+    def queue_depth(self) -> int:
+        return self.waiting
 
     async def start(self) -> None:
         self.started = True
