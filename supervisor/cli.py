@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from corral.supervisor.cli_client import CannotConnect, ClientError, CorralClient, ServerError
 from corral.supervisor.config import DEFAULT_HOST
-from corral.supervisor.modelfile import ModelfileError, parse_modelfile
+from corral.supervisor.modelfile import ModelfileError, parameter_value, parse_modelfile
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -407,19 +407,6 @@ def run_once(c: CorralClient, args: argparse.Namespace, prompt: str) -> int:
     return EXIT_OK
 
 
-def _parse_value(text: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        return text[1:-1]
-    return text
-
-
 SESSION_HELP = """Available Commands:
   /set            set session variables (type /set alone to list them)
   /show           show model information (type /show alone to list what)
@@ -506,7 +493,7 @@ class Session:
     def _set(self, line: str, words: list[str]) -> None:
         what = words[0].lower() if words else ""
         if what == "parameter" and len(words) >= 3:
-            name, value = words[1], _parse_value(words[2])
+            name, value = words[1], parameter_value(words[2])
             if name == "stop":
                 self.options.setdefault("stop", []).append(str(value))
             else:

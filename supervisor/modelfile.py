@@ -38,7 +38,8 @@ def _value(text: str, lines: list[str], i: int) -> tuple[str, int]:
     return stripped, i
 
 
-def _parameter_value(text: str) -> Any:
+def parameter_value(text: str) -> Any:
+    """A PARAMETER (or REPL `/set parameter`) value: int, float, bool, else the text unquoted."""
     for convert in (int, float):
         try:
             return convert(text)
@@ -46,6 +47,8 @@ def _parameter_value(text: str) -> Any:
             pass
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
     return text
 
 
@@ -71,7 +74,7 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> dict[str, Any]:
             value_text, i = _value(raw, lines, i)
             if not name or not value_text:
                 raise ModelfileError(f"line {i + 1}: PARAMETER needs a name and a value")
-            value = value_text if name == "stop" else _parameter_value(value_text)
+            value = value_text if name == "stop" else parameter_value(value_text)
             if name == "stop":
                 parameters.setdefault("stop", []).append(value)
             else:
