@@ -40,7 +40,10 @@ def turns(n: int) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def server(hf_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with ServerProcess(tmp_path_factory.mktemp("home"), hf_cache,
-                       env={"CORRAL_CONTEXT_LENGTH": str(CTX), "CORRAL_NUM_PARALLEL": "2"}) as s:
+                       env={"CORRAL_CONTEXT_LENGTH": str(CTX), "CORRAL_NUM_PARALLEL": "2",
+                            # prompt_eval_count must be the prompt's length here, which a
+                            # prompt cache hit would shorten (tests/test_prompt_cache*.py cover that)
+                            "CORRAL_PROMPT_CACHE": "0"}) as s:
         yield s
 
 
