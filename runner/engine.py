@@ -33,6 +33,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 log = logging.getLogger("runner")
 
+STREAM_INTERVAL = 0.02  # seconds: after a stream's first token, its text goes out at most this often
+
 # What the generation thread sends to a sequence's output queue.
 Event = tuple[str, Any]  # ("text", str) | ("logprob", dict) | ("done", dict) | ("error", str)
 
@@ -57,6 +59,7 @@ class Sequence:
     stops: StopMatcher | None = None
     grammar: GrammarProcessor | None = None  # constrained decoding; applied last, after penalties
     top_logprobs: int | None = None  # report log-probabilities with this many alternatives; None: not asked
+    streaming: bool = False  # its first text has been handed to the event loop
 
     def emit(self, kind: str, value: Any) -> None:
         """Hand one event to the event loop now (the batched path is Engine._emit)."""
@@ -85,6 +88,8 @@ class Engine:
         self._token_text = TokenText(tokenizer)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._outbox: list[tuple[Sequence, Event]] = []
+        self._flushed_at = 0.0
+        self._urgent = False  # the outbox holds something that may not wait (see _emit)
         self.active_count = 0
         self.queued_count = 0
         self._save_budget_s = 0.0
@@ -140,10 +145,10 @@ class Engine:
                 self._admit(gen)
                 if self._active:
                     self._step(gen)
-                self._flush()
+                self._flush(force=not self._active)  # about to wait for work: nothing may stay behind
         except Exception as e:  # a dead generation thread must be visible: /health goes 503
             log.exception("generation thread failed")
-            self._flush()
+            self._flush(force=True)
             for seq in [*self._active.values(), *self._waiting]:
                 seq.emit("error", f"generation failed: {e}")
             self._stop.set()
@@ -313,14 +318,32 @@ class Engine:
 
     def _emit(self, seq: Sequence, kind: str, value: Any) -> None:
         self._outbox.append((seq, (kind, value)))
+        if kind != "logprob" and (kind != "text" or not seq.streaming):
+            self._urgent = True  # a stream's first text, or its end: hand it off this pass
 
-    def _flush(self) -> None:
-        """Send this pass's events, one call_soon_threadsafe per event loop (there is one)."""
+    def _flush(self, *, force: bool = False) -> None:
+        """Hand the events collected since the last hand-off to the event loop.
+
+        A stream's first text, an end (done or error) and a forced flush go at
+        once; after its first text a stream's tokens go at most every
+        STREAM_INTERVAL. Each hand-off costs a wake-up and a line per stream in
+        this process, a read and a parse in the supervisor, and a write to the
+        client: paid per token on a fast model, those take CPU the generation
+        itself needs; paid per interval they do not, and 20 ms is still smooth
+        to read.
+        """
         if not self._outbox:
             return
+        now = time.perf_counter()
+        if not force and not self._urgent and now - self._flushed_at < STREAM_INTERVAL:
+            return
+        self._flushed_at, self._urgent = now, False
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
         for item in self._outbox:
-            by_loop.setdefault(item[0].loop, []).append(item)
+            seq, (kind, _) = item
+            if kind == "text":
+                seq.streaming = True
+            by_loop.setdefault(seq.loop, []).append(item)
         self._outbox = []
         for loop, events in by_loop.items():
             try:
