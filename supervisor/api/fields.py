@@ -44,13 +44,17 @@ def model_field(body: dict[str, Any], *keys: str) -> str:
     raise BadRequest(f"'{keys[0]}' is required", param=keys[0])
 
 
-def str_field(body: dict[str, Any], key: str, default: str = "") -> str:
+def optional_str_field(body: dict[str, Any], key: str) -> str | None:
+    """A string field, or None when it is absent or null."""
     value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise BadRequest(f"'{key}' must be a string", param=key)
     return value
+
+
+def str_field(body: dict[str, Any], key: str, default: str = "") -> str:
+    value = optional_str_field(body, key)
+    return default if value is None else value
 
 
 def bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:

@@ -26,7 +26,7 @@ import anyio
 from corral.runner.protocol import OPTION_NAMES, OptionError, options_to_wire, parse_options
 from corral.supervisor import pull as pulling
 from corral.supervisor.api.context import AppContext
-from corral.supervisor.api.fields import model_field, read_json
+from corral.supervisor.api.fields import model_field, optional_str_field, read_json
 from corral.supervisor.api.ollama import jinja_template
 from corral.supervisor.errors import BadRequest, CorralError, ModelNotFound
 from corral.supervisor.store import ModelDefaults
@@ -88,15 +88,6 @@ REFUSED_CREATE_FIELDS = {
     "renderer": "'renderer' is not supported by corral",
     "parser": "'parser' is not supported by corral",
 }
-
-
-def _text(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"'{key}' must be a string", param=key)
-    return value
 
 
 def create_parameters(raw: Any) -> dict[str, Any]:
@@ -162,7 +153,7 @@ def create_defaults(body: dict[str, Any]) -> ModelDefaults:
     for key, why in REFUSED_CREATE_FIELDS.items():
         if body.get(key) not in (None, "", [], {}):
             raise BadRequest(why, param=key)
-    return ModelDefaults(system=_text(body, "system"), template=create_template(body),
+    return ModelDefaults(system=optional_str_field(body, "system"), template=create_template(body),
                          parameters=create_parameters(body.get("parameters")),
                          messages=create_messages(body.get("messages")), license=create_license(body))
 
