@@ -19,6 +19,7 @@ from corral.supervisor.api import (
     ollama,
     openai,
     status,
+    ui,
     unsupported,
 )
 from corral.supervisor.api.completion import current_route
@@ -132,7 +133,7 @@ def collect_routes(ctx: AppContext) -> list[BaseRoute]:
     # Ollama's last: it owns "/" and its routes never shadow the others'. The
     # routes corral does not serve come after every served one.
     return [*openai.routes(ctx), *anthropic.routes(ctx), *manage.routes(ctx), *embed.routes(ctx),
-            *status.routes(ctx), *ollama.routes(ctx), *unsupported.routes(ctx)]
+            *status.routes(ctx), *ui.routes(ctx), *ollama.routes(ctx), *unsupported.routes(ctx)]
 
 
 def collect_middleware(ctx: AppContext) -> list[Middleware]:

@@ -180,13 +180,57 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+HF_CACHE_WARNING = ("'{model}' lives in the shared Hugging Face cache: other tools (transformers, "
+                    "mlx_lm, huggingface-cli, ...) use the same files, and deleting it removes it for them too.")
+
+
+def _source(c: CorralClient, model: str) -> str:
+    """Where the server keeps `model`: "hf" (the shared Hugging Face cache), "local", or ""
+    when it cannot say (e.g. a model whose files no longer read)."""
+    try:
+        with _named(model):
+            return str(c.show(model).get("source", ""))
+    except ServerError as e:
+        if e.status == 404:
+            raise
+        return ""
+
+
+def confirm_delete(model: str, *, yes: bool, ask: Callable[[str], str] | None,
+                   err: TextIO = sys.stderr) -> bool:
+    """For a model in the shared HF cache: True to go ahead. `ask` reads an answer from a
+    terminal (None when there is none: then only --yes goes ahead)."""
+    print(HF_CACHE_WARNING.format(model=model), file=err)
+    if yes:
+        return True
+    if ask is None:
+        raise ClientError(f"not deleting '{model}' without confirmation (stdin is not a terminal): "
+                          f"run `corral rm --yes {model}` to delete it")
+    try:
+        answer = ask(f"Delete '{model}'? [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
+    ask = input if sys.stdin.isatty() else None
     with _client(args) as c:
         for model in args.models:
+            if _source(c, model) == "hf" and not confirm_delete(model, yes=args.yes, ask=ask):
+                print(f"kept '{model}'")
+                continue
             with _named(model):
                 c.delete(model)  # the server stops a loaded model before removing it
             print(f"deleted '{model}'")
     return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from corral.supervisor.cli_top import run_top
+
+    with _client(args) as c:
+        return run_top(c, once=args.once, interval=args.interval)
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
@@ -680,6 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("model", metavar="MODEL")
     rm = _add(sub, "rm", cmd_rm, "remove models (stopping them first)")
     rm.add_argument("models", nargs="+", metavar="MODEL")
+    rm.add_argument("--yes", "-y", action="store_true",
+                    help="do not ask before deleting from the shared Hugging Face cache")
+    top = _add(sub, "top", cmd_top, "a live view of the server: memory, models, queue, recent requests "
+                                    "(q or Ctrl-C quits)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default 1)")
     show = _add(sub, "show", cmd_show, "show information about a model")
     show.add_argument("model", metavar="MODEL")
     for flag in ("license", "modelfile", "parameters", "template", "system"):

@@ -158,5 +158,9 @@ class CorralClient:
     def unload(self, model: str) -> None:
         self.request("POST", "/api/generate", {"model": model, "keep_alive": 0})
 
+    def status(self) -> dict[str, Any]:
+        """The status snapshot the status page shows (GET /ui/state)."""
+        return dict(self.request("GET", "/ui/state"))
+
     def pull(self, model: str) -> Iterator[dict[str, Any]]:
         return self.stream("/api/pull", {"model": model, "stream": True})

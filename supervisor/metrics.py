@@ -4,11 +4,17 @@ Requests are recorded in one place, the completion pipeline (observe_request);
 loads and evictions in the scheduler's dispatcher (observe_load, observe_eviction).
 Gauges that describe the present (queue depth, footprints, the memory limit)
 are set from a snapshot when /metrics is scraped, so nothing else writes them.
+
+The status page's history lives here too, in two bounded rings fed by the same
+calls: the last requests (observe_request) and the last problems (failed loads,
+stalled or crashed runners: observe_problem).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -54,10 +60,29 @@ class ModelGauge:
     footprint: int
 
 
+RECENT_REQUESTS = 50
+"""Requests the status page lists (the newest ones)."""
+RECENT_PROBLEMS = 20
+"""Problems (failed loads, stalls, crashes) the status page lists."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something that went wrong with a model, for the status page."""
+
+    at: float  # unix time
+    model: str
+    kind: str  # "failed" (a load failed), "stalled" (killed for no progress), "crashed" (died by itself)
+    message: str
+
+
 class Metrics:
     """Every corral metric, in a registry of its own (several apps can live in one process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=RECENT_REQUESTS)  # (ended at, record)
+        self.problems: deque[Problem] = deque(maxlen=RECENT_PROBLEMS)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("corral_requests", "Completion requests by family, route and status",
@@ -84,6 +109,7 @@ class Metrics:
             self.evictions.labels(reason)
 
     def observe_request(self, rec: RequestRecord) -> None:
+        self.recent.append((self.clock(), rec))
         self.requests.labels(rec.family, rec.route, str(rec.status)).inc()
         self.duration.labels(rec.family).observe(rec.duration)
         if rec.ttft is not None:
@@ -101,6 +127,9 @@ class Metrics:
         self.evictions.labels(reason).inc()
         if reason == "crash":
             self.restarts.inc()
+
+    def observe_problem(self, model: str, kind: str, message: str) -> None:
+        self.problems.append(Problem(self.clock(), model, kind, message))
 
     def render(self, *, queue_depth: int, memory_limit: int, models: Iterable[ModelGauge]) -> bytes:
         """The text exposition, with the present-state gauges set from this snapshot."""

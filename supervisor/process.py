@@ -95,6 +95,11 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def runner_log_path(home: Path, name: str) -> Path:
+    """Where the runner of model `name` writes its log (kept after it exits)."""
+    return Path(home) / "logs" / f"runner-{_slug(name)}.log"
+
+
 class RunnerProcess:
     def __init__(
         self,
@@ -163,7 +168,7 @@ class RunnerProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.home / "logs" / f"runner-{_slug(self.name)}.log"
+        return runner_log_path(self.home, self.name)
 
     @property
     def record_path(self) -> Path:
@@ -474,6 +479,16 @@ class StandbyFactory:
         return RunnerProcess(spec.name, spec.model_dir, home=self.home, num_ctx=spec.num_ctx,
                              num_parallel=spec.num_parallel, command=self.command,
                              env=getattr(spec, "env", None), ports=self.ports)
+
+    def standby_info(self) -> tuple[int, int] | None:
+        """(pid, resident bytes) of the spare, or None when there is none (read-only)."""
+        spare = self._spare
+        if spare is None or not spare.spawned:
+            return None
+        try:
+            return spare.pid, int(psutil.Process(spare.pid).memory_info().rss)
+        except (psutil.Error, ValueError):
+            return None
 
     def refill(self) -> None:
         """Spawn a spare in the background if there is none."""

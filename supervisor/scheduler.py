@@ -229,6 +229,26 @@ class LoadedModel:
     prompt_cache: dict[str, Any] = field(default_factory=dict)  # the runner's /status "prompt_cache"
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """One model in the table as the status page sees it (loading and stopping ones too)."""
+
+    name: str
+    phase: str  # loading, loaded, stopping
+    state: str  # the runner's RunnerState value
+    pid: int
+    active: int
+    queued: int  # requests waiting for this model (queued, or attached to its load)
+    context_length: int
+    num_parallel: int
+    expires_at: float | None
+    pinned: bool
+    footprint: int
+    parts: dict[str, int]  # weights, kv, prompt_cache, overhead: they sum to footprint
+    prompt_cache_used: int  # bytes the runner's prompt cache holds now
+    draining: bool
+
+
 class _Phase(enum.Enum):
     LOADING = "loading"
     LOADED = "loaded"
@@ -261,6 +281,7 @@ class _Entry:
     timer_gen: int = 0  # which timer is current: a stale TimerExpired carries an older one
     on_stopped: list[asyncio.Future[bool]] = field(default_factory=list)  # unload() callers
     load_started: float = field(default_factory=time.monotonic)  # for the load-seconds metric
+    need: NeedEstimate | None = None  # the estimate's parts (weights, kv, prompt cache, overhead)
 
     @property
     def name(self) -> str:
@@ -437,6 +458,7 @@ class Lease:
                 if await process.client.health(timeout=min(limit, STALL_HEALTH_TIMEOUT)):
                     continue
                 why = f"no progress for {limit:g}s and /health did not answer (stalled)"
+                self._scheduler.metrics.observe_problem(self.ref.name, "stalled", why)
                 process.kill_now(why)
                 raise RunnerFailed(f"runner for '{self.ref.name}' stalled: {why}; it was killed")
         finally:
@@ -638,6 +660,35 @@ class Scheduler:
     def queue_depth(self) -> int:
         """Requests waiting for a model now (for /metrics)."""
         return self._waiting()
+
+    def overview(self) -> list[ModelView]:
+        """Snapshot of the whole table for the status page (read-only), loading ones first."""
+        expiry = {m.name: m.expires_at for m in self.loaded()}
+        order = {_Phase.LOADING: 0, _Phase.LOADED: 1, _Phase.STOPPING: 2}
+        views = []
+        for e in sorted(self._table.values(), key=lambda e: (order.get(e.phase, 3), -e.last_used)):
+            queued = len(e.waiters) + sum(1 for t in self._queue if t.key == e.key)
+            views.append(ModelView(
+                name=e.name, phase=e.phase.value, state=e.process.state.value, pid=e.process.pid,
+                active=e.active, queued=queued, context_length=e.context_length, num_parallel=e.num_parallel,
+                expires_at=expiry.get(e.name), pinned=self._is_pinned(e.key), footprint=e.footprint,
+                parts=_parts(e), prompt_cache_used=int((e.status.get("prompt_cache") or {}).get("bytes", 0)),
+                draining=e.draining,
+            ))
+        return views
+
+    def waiting_for_unloaded(self) -> dict[str, int]:
+        """Queued requests for models not in the table yet, by name (for the status page)."""
+        counts: dict[str, int] = {}
+        for t in self._queue:
+            if t.key not in self._table and not t.future.done():
+                counts[t.ref.name] = counts.get(t.ref.name, 0) + 1
+        return counts
+
+    def standby(self) -> tuple[int, int] | None:
+        """(pid, resident bytes) of the standby runner kept ready, or None."""
+        info = getattr(self.runner_factory, "standby_info", None)
+        return info() if callable(info) else None
 
     async def _release(self, entry: _Entry, keep_alive: float | None) -> None:
         """Lease.release: the dispatcher applies it; returns once it has."""
@@ -896,6 +947,8 @@ class Scheduler:
         """The runner died by itself: drop it so the next request loads it again."""
         if entry.phase is _Phase.LOADED:
             self.metrics.observe_eviction("crash")
+            self.metrics.observe_problem(entry.name, "crashed", entry.process.failure_message(
+                f"runner for '{entry.name}' exited"))
             self._drop(entry)
 
     def _on_unload(self, event: _Unload) -> None:
@@ -936,6 +989,7 @@ class Scheduler:
         entry.waiters = []
         self.metrics.observe_load(time.monotonic() - entry.load_started, ok=error is None)
         if error is not None:
+            self.metrics.observe_problem(entry.name, "failed", error.message)
             self._drop(entry)
             for t in waiters:
                 t.future.set_exception(error)
@@ -1075,7 +1129,8 @@ class Scheduler:
     def _decide(self, head: _Ticket, manifest: Manifest) -> bool:
         try:
             num_ctx, num_parallel = self._shape(manifest, head.num_ctx)
-            need = int(self.estimate(manifest, num_ctx, num_parallel).total)
+            estimate = self.estimate(manifest, num_ctx, num_parallel)
+            need = int(estimate.total)
         except Exception as e:
             self._fail_all(head.key, e if isinstance(e, CorralError)
                            else RunnerFailed(f"cannot read model '{head.ref.name}': {e}"))
@@ -1100,10 +1155,12 @@ class Scheduler:
                 self._begin_stop(v, "single-model" if self.settings.single_model else "memory")
             return False
         self._clear_draining(())
-        self._start_load(head, manifest, num_ctx, num_parallel, need)
+        self._start_load(head, manifest, num_ctx, num_parallel, estimate)
         return True
 
-    def _start_load(self, head: _Ticket, manifest: Manifest, num_ctx: int, num_parallel: int, need: int) -> None:
+    def _start_load(self, head: _Ticket, manifest: Manifest, num_ctx: int, num_parallel: int,
+                    estimate: NeedEstimate) -> None:
+        need = int(estimate.total)
         ref = head.ref
         spec = RunnerSpec(ref.name, ref.path, Path(self.settings.home), num_ctx, num_parallel,
                           env=runner_env(self.settings, ref.path))
@@ -1113,12 +1170,24 @@ class Scheduler:
             self._fail_all(head.key, RunnerFailed(f"cannot start runner for '{ref.name}': {e}"))
             return
         entry = _Entry(key=head.key, ref=ref, manifest=manifest, process=process, estimate=need,
-                       context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock())
+                       context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock(),
+                       need=estimate if isinstance(estimate, NeedEstimate) else None)
         entry.waiters = self._take_tickets(head.key, num_ctx, manifest)
         self._table[head.key] = entry
         self.loads += 1
         log.info("loading %s (ctx %d, parallel %d, need %d bytes)", ref.name, num_ctx, num_parallel, need)
         self._spawn(self._load_runner(entry, float(self.settings.load_timeout)))
+
+
+def _parts(e: _Entry) -> dict[str, int]:
+    """A footprint split as the estimate splits it; what the runner uses beyond the estimate
+    counts as overhead, so the parts always sum to the footprint."""
+    total = e.footprint
+    need = e.need
+    if need is None:
+        return {"weights": 0, "kv": 0, "prompt_cache": 0, "overhead": total}
+    known = {"weights": int(need.weights), "kv": int(need.kv), "prompt_cache": int(need.prompt_cache)}
+    return {**known, "overhead": max(0, total - sum(known.values()))}
 
 
 def _answer(fut: asyncio.Future[Any], value: Any) -> None:

@@ -21,7 +21,8 @@ When settings.api_key is set, every API route requires it: `Authorization:
 Bearer <key>` everywhere, and also `x-api-key` on the Anthropic routes
 (/v1/messages, what the anthropic SDK sends). A missing or wrong key is a 401
 in the route family's error shape. `GET/HEAD /` and `/api/version` stay open
-so health checks and version probes work without the key; CORS preflights
+so health checks and version probes work without the key, and so does the
+status page `/ui` (a static page that asks for the key; its data needs it); CORS preflights
 (OPTIONS with Access-Control-Request-Method) are answered before the key is
 checked, as browsers send them without credentials.
 
@@ -47,7 +48,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/api/version"})
+OPEN_PATHS = frozenset({"/api/version", "/ui"})  # /ui: the status page holds no data itself
 LOCAL_ORIGIN_PATTERNS = (
     r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?",
     r"(app|file|tauri|vscode-webview)://.*",

@@ -583,6 +583,7 @@ def show_payload(ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
         "model_info": model_info(manifest, config, ref.name),
         "capabilities": capabilities(ref.path, template, manifest.kind),
         "modified_at": rfc3339(ref.modified_at),
+        "source": ref.source,  # ours: "hf" (the shared Hugging Face cache) or "local" (`corral rm` asks)
     }
     if stored.system is not None:
         out["system"] = stored.system
