@@ -176,7 +176,8 @@ def _quit_pressed(keys: bool, timeout: float) -> bool:
 
 
 def run_top(client: CorralClient, *, once: bool = False, interval: float = 1.0) -> int:
-    console = Console()
+    # Piped (--once in a script), there is no width to fit: wide enough for every column.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if once:
         console.print(render(client.status()))
         return 0
@@ -186,6 +187,7 @@ def run_top(client: CorralClient, *, once: bool = False, interval: float = 1.0) 
     try:
         with _keys() as keys, Live(_frame(client, footer), console=console, auto_refresh=False,
                                    screen=console.is_terminal) as live:
+            live.refresh()  # the first frame at once (auto_refresh is off: frames follow the data)
             while not _quit_pressed(keys, interval):
                 live.update(_frame(client, footer), refresh=True)
     except KeyboardInterrupt:

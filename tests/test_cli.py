@@ -77,7 +77,7 @@ def _table(stdout: str) -> list[list[str]]:
 # ---- no server needed -----------------------------------------------------------
 
 
-COMMANDS = ["serve", "run", "pull", "list", "ps", "stop", "rm", "show", "cp", "create", "version"]
+COMMANDS = ["serve", "run", "pull", "list", "ps", "stop", "rm", "show", "cp", "create", "version", "top"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -275,7 +275,7 @@ def test_rm_removes_hub_cache_entry_and_stops_it(server: ServerProcess, cache: P
     assert pulled.returncode == 0, pulled.stderr
     assert (cache / "models--org--cli-pull").is_dir()
     assert corral(server, "run", "org/cli-pull", "Hi").returncode == 0
-    rm = corral(server, "rm", "org/cli-pull")
+    rm = corral(server, "rm", "--yes", "org/cli-pull")  # it is in the shared HF cache
     assert rm.returncode == 0, rm.stderr
     assert not (cache / "models--org--cli-pull" / "snapshots").exists() or not any(
         (cache / "models--org--cli-pull" / "snapshots").iterdir())
