@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,3 +239,24 @@ def test_rm_confirmation() -> None:
         raise EOFError
 
     assert not confirm_delete("org/a", yes=False, ask=eof, err=err)
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_page(tmp_path: Path) -> None:
+    """The page is package data: a wheel built from this checkout carries it (no build step)."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "corral", "supervisor", "runner"):
+        if (root / name).is_dir():
+            shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(root / name, src / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "whl"),
+                            str(src)], capture_output=True, text=True, timeout=240)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip()[-300:]}")
+    [wheel] = (tmp_path / "whl").glob("corral-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("corral/supervisor/static/ui.html").decode()
+    assert shipped == (root / "supervisor" / "static" / "ui.html").read_text()
