@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from corral.supervisor.cli import human_size
 from corral.supervisor.cli_client import CannotConnect, ClientError, CorralClient
 from rich.console import Console, Group, RenderableType
+from rich.filesize import decimal as human_size
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from corral.supervisor.cli import human_size
+from rich.filesize import decimal as human_size
 
 from tests.conftest import TINY
 from tests.support.live_server import ROOT, ServerProcess

@@ -217,7 +217,7 @@ def test_top_frame_shows_the_snapshot() -> None:
     out = io.StringIO()
     Console(file=out, width=160, color_system=None).print(render(_snapshot(), footer="q quits"))
     text = out.getvalue()
-    for expected in ("org/a", "ready", "42", "2048", "in 5m00s", "600 B", "300 B / 100 B / 50 B / 150 B",
+    for expected in ("org/a", "ready", "42", "2048", "in 5m00s", "600 bytes", "300 bytes / 100 bytes / 50 bytes / 150 bytes",
                      "org/bad", "failed", "cannot load: boom", "org/next", "waiting", "openai", "250ms",
                      "40.0", "12/30", "limit", "OS free", "q quits"):
         assert expected in text, expected
