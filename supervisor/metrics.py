@@ -66,6 +66,10 @@ RECENT_PROBLEMS = 20
 """Problems (failed loads, stalls, crashes) the status page lists."""
 
 
+STALL_KILL_WINDOW = 60.0
+"""Seconds after a stall in which the model's runner exit is the stall's kill, not a crash."""
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """Something that went wrong with a model, for the status page."""
@@ -129,7 +133,11 @@ class Metrics:
             self.restarts.inc()
 
     def observe_problem(self, model: str, kind: str, message: str) -> None:
-        self.problems.append(Problem(self.clock(), model, kind, message))
+        now = self.clock()
+        last = next((p for p in reversed(self.problems) if p.model == model), None)
+        if kind == "crashed" and last is not None and last.kind == "stalled" and now - last.at < STALL_KILL_WINDOW:
+            return  # the exit of the runner the stall check killed: it shows as stalled
+        self.problems.append(Problem(now, model, kind, message))
 
     def render(self, *, queue_depth: int, memory_limit: int, models: Iterable[ModelGauge]) -> bytes:
         """The text exposition, with the present-state gauges set from this snapshot."""

@@ -6,8 +6,11 @@ One server per module, with an API key: the page is open, its data is not.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +30,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(hf_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"CORRAL_API_KEY": KEY, "CORRAL_MODELS_DIRS": str(tmp_path_factory.getbasetemp())}
+    env = {"CORRAL_API_KEY": KEY, "CORRAL_MODELS_DIRS": str(tmp_path_factory.getbasetemp()),
+           "CORRAL_STALL_TIMEOUT": "1.5s"}
     with ServerProcess(tmp_path_factory.mktemp("ui-home"), hf_cache, env=env) as s:
         yield s
 
@@ -166,3 +170,27 @@ def test_failed_load_shows_its_error(client: httpx.Client, tiny_model: Path, tmp
 def _empty_safetensors() -> bytes:
     header = json.dumps({"__metadata__": {"format": "mlx"}}).encode()
     return len(header).to_bytes(8, "little") + header
+
+
+def test_stalled_runner_shows_as_stalled(client: httpx.Client) -> None:
+    generate(client, TINY_B)
+    pid = next(m["pid"] for m in state(client)["models"] if m["name"] == TINY_B)
+    body = {"model": TINY_B, "prompt": "Hi", "options": {"num_predict": 500, "temperature": 0}}
+    try:
+        with client.stream("POST", "/api/generate", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(pid, signal.SIGSTOP)  # hung mid-stream: no more lines, no /health
+            last = [line for line in lines if line.strip()][-1]
+        assert "stalled" in json.loads(last)["error"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        snap = state(client)
+        if TINY_B not in {m["name"] for m in snap["models"]}:
+            break
+        time.sleep(0.2)
+    problems = {p["name"]: p for p in snap["problems"]}
+    assert problems[TINY_B]["state"] == "stalled" and "no progress" in problems[TINY_B]["error"]

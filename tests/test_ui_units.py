@@ -144,10 +144,20 @@ async def test_stalled_runner_shows_as_stalled(make: Callable[..., Any]) -> None
     assert killed and "stalled" in killed[0]
     runner.crash()  # what the kill leads to: the watcher reports the exit
     await until(lambda: not w.sched.loaded())
-    problems = status_snapshot(context(w))["problems"]
-    assert [(p["name"], p["state"]) for p in problems] == [("a", "crashed")]  # the newest one per model
-    assert [p.kind for p in w.sched.metrics.problems] == ["stalled", "crashed"]
+    [problem] = status_snapshot(context(w))["problems"]  # the kill's exit is no separate crash
+    assert (problem["name"], problem["state"]) == ("a", "stalled") and "no progress" in problem["error"]
     await lease.release()
+
+
+def test_a_crash_long_after_a_stall_is_a_crash() -> None:
+    now = [0.0]
+    metrics = Metrics(clock=lambda: now[0])
+    metrics.observe_problem("a", "stalled", "no progress")
+    metrics.observe_problem("a", "crashed", "killed")
+    now[0] += 3600
+    metrics.observe_problem("a", "crashed", "segfault")
+    metrics.observe_problem("b", "crashed", "oom")
+    assert [(p.model, p.kind) for p in metrics.problems] == [("a", "stalled"), ("a", "crashed"), ("b", "crashed")]
 
 
 def test_recent_requests_ring_is_bounded_and_newest_first() -> None:
