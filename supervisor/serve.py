@@ -119,10 +119,17 @@ def run_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 1
     settings.home.mkdir(parents=True, exist_ok=True)
-    app = create_app(build_context(settings))
+    ctx = build_context(settings)
+    app = create_app(ctx)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=bool(getattr(args, "access_log", False)),
                             timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            ctx.stopping = True  # the status page's event streams end instead of holding up the exit
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     # uvicorn re-raises the signal that stopped it once it is done; with these
     # handlers that re-raise is a no-op, so SIGTERM/SIGINT end in exit status 0
     # after the lifespan shutdown has stopped every runner.

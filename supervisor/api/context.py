@@ -18,3 +18,4 @@ class AppContext:
     store: ModelStore
     scheduler: Scheduler
     started_at: float = field(default_factory=time.time)
+    stopping: bool = False  # the server has begun to shut down: endless streams (/ui/events) end

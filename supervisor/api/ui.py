@@ -54,7 +54,7 @@ def _signature(snapshot: dict[str, Any]) -> str:
 async def snapshot_events(ctx: AppContext, request: Request) -> AsyncIterator[bytes]:
     last_sig = ""
     last_sent = 0.0
-    while not await request.is_disconnected():
+    while not ctx.stopping and not await request.is_disconnected():
         snapshot = status_snapshot(ctx)
         sig = _signature(snapshot)
         now = time.monotonic()
