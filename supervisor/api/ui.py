@@ -10,7 +10,9 @@ CDN); the page reads the status snapshot (supervisor.api.status) from these rout
 Everything but the page needs the API key when one is set. Browsers cannot put
 headers on an EventSource, so the page reads /ui/events with fetch() and an
 Authorization header instead. Actions (unload, load, pin) go through the
-ordinary APIs (/api/generate, /api/settings).
+ordinary APIs (/api/generate, /api/settings). An event stream ends by itself
+once the server begins to shut down (AppContext.stopping), so an open page
+never holds up the exit.
 """
 
 from __future__ import annotations
