@@ -141,7 +141,7 @@ def test_updates_within_2s_when_a_model_is_evicted(page: Page, server: ServerPro
             assert time.monotonic() - evicted < 2
             page.row(TINY_B).wait_for(timeout=2000)
         finally:
-            c.patch("/api/settings", json={"memory_limit": "100%"})
+            assert c.patch("/api/settings", json={"memory_limit": None}).status_code == 200  # the default
     page.shot("ui-after-eviction")
     assert page.errors == []
 
