@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import ollama
 import psutil
-from bench_peer import mlx_lm_server, sse_completion
+from bench_peer import CLIENT, mlx_lm_server, sse_completion
 from bench_runner import PROMPTS, local_aggregate
 from corral.supervisor.process import free_port
 
@@ -98,7 +98,7 @@ def stream_generate_http(url: str, model: str, tokens: int, prompt: str = PROMPT
     first = last = None
     chunks = 0
     final: dict[str, Any] = {}
-    with httpx.stream("POST", url + "/api/generate", json=body, timeout=600) as r:
+    with CLIENT.stream("POST", url + "/api/generate", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line:
