@@ -441,8 +441,8 @@ class RunnerApp:
                         text.append(value)
                     else:
                         done = True
-                        for line in self._end_lines(kind, value, "".join(text), splitter, text_line):
-                            yield line
+                        # one write for the end: each write is a syscall here and a read there
+                        yield b"".join(self._end_lines(kind, value, "".join(text), splitter, text_line))
                         text = []
                         break
                 if text:
