@@ -289,6 +289,7 @@ class ModelStore:
         key = normalize_name(name)
         hit = self._resolved.get(key)
         if hit is not None and hit[0] == self._resolve_stamp(hit[1]):
+            self._checked[key] = time.monotonic()
             return hit[1]
         ref = self._resolve(name, key)
         self._resolved[key] = (self._resolve_stamp(ref), ref)
