@@ -328,7 +328,7 @@ class Engine:
 
         A stream's first text, an end (done or error) and a forced flush go at
         once; after its first text a stream's tokens go at most every
-        STREAM_INTERVAL (longer with many streams, see _interval). Each hand-off costs a wake-up and a line per stream in
+        stream_interval(). Each hand-off costs a wake-up and a line per stream in
         this process, a read and a parse in the supervisor, and a write to the
         client: paid per token on a fast model, those take CPU the generation
         itself needs; paid per interval they do not, and 20 ms is still smooth
@@ -337,7 +337,7 @@ class Engine:
         if not self._outbox:
             return
         now = time.perf_counter()
-        if not force and not self._urgent and now - self._flushed_at < self._interval():
+        if not force and not self._urgent and now - self._flushed_at < stream_interval(len(self._active)):
             return
         self._flushed_at, self._urgent = now, False
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
@@ -352,14 +352,6 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, events)
             except RuntimeError:  # that loop is closed: nobody is left to read these
                 log.debug("dropped %d event(s) for a closed event loop", len(events))
-
-    def _interval(self) -> float:
-        """STREAM_INTERVAL, stretched as streams grow so that all of them together
-        make about HANDOFFS_PER_SECOND lines: the per-line cost (a wake-up here, a
-        read, parse and write in the supervisor, a parse in the client) is paid per
-        line in every process, so with 8 fast streams 20 ms lines would take a
-        large part of a small machine's CPU from the generation itself."""
-        return min(MAX_STREAM_INTERVAL, max(STREAM_INTERVAL, len(self._active) / HANDOFFS_PER_SECOND))
 
     def _fail(self, gen: BatchGenerator, seq: Sequence, message: str) -> None:
         log.error("%s", message)
@@ -386,6 +378,16 @@ class Engine:
     def _update_counts(self) -> None:
         self.active_count = len(self._active)
         self.queued_count = len(self._waiting)
+
+
+def stream_interval(streams: int) -> float:
+    """How long a stream's text may wait for the next hand-off: STREAM_INTERVAL,
+    stretched as streams grow so that all of them together make about
+    HANDOFFS_PER_SECOND lines. The per-line cost (a wake-up here, a read, parse
+    and write in the supervisor, a parse in the client) is paid per line in
+    every process, so 8 fast streams at 20 ms would take a large part of a
+    small machine's CPU from the generation itself."""
+    return min(MAX_STREAM_INTERVAL, max(STREAM_INTERVAL, streams / HANDOFFS_PER_SECOND))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

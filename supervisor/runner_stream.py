@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE = 64  # kept-alive connections per runner beyond which a finished one is closed
+IDLE_EXPIRY_S = 600.0
+"""A connection idle this long is closed rather than reused: well inside the
+runner's own keep-alive (an hour), so the runner never closes one just as it
+is reused. (Should that race happen anyway, the request goes again on a fresh
+connection: a runner that closed a connection had not read a request on it.)"""
 
 
 class StreamBroken(Exception):
@@ -40,14 +46,16 @@ class Head:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.idle_since = time.monotonic()
 
     def usable(self) -> bool:
-        # An idle connection the runner closed (its keep-alive timeout) has seen EOF by now.
-        return not self.reader.at_eof() and not self.writer.is_closing()
+        # An idle connection the runner closed has seen EOF by now.
+        return (not self.reader.at_eof() and not self.writer.is_closing()
+                and time.monotonic() - self.idle_since < IDLE_EXPIRY_S)
 
     def close(self) -> None:
         self.writer.close()
@@ -175,6 +183,7 @@ class StreamPool:
         return _Conn(reader, writer)
 
     def release(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
         if self._closed or len(self._idle) >= MAX_IDLE or not conn.usable():
             conn.close()
         else:

@@ -143,3 +143,15 @@ async def test_first_request_on_a_fresh_connection_that_gets_no_answer_fails() -
             async with pool.post("/completion", b"{}"):
                 pass
         assert server.connections == 1
+
+
+async def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.supervisor import runner_stream
+
+    async with serving(lambda body: chunked(b"x\n")) as (server, pool):
+        async with pool.post("/completion", b"{}") as resp:
+            await resp.read()
+        monkeypatch.setattr(runner_stream, "IDLE_EXPIRY_S", 0.0)
+        async with pool.post("/completion", b"{}") as resp:
+            await resp.read()
+        assert server.connections == 2
