@@ -77,10 +77,15 @@ def free_port() -> int:
 
 
 def make_models(cache: Path) -> None:
-    for i, repo in enumerate(MODELS):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--hf-cache", str(cache),
-                        "--repo", repo, "--seed", str(i), "--hidden", str(64 + 32 * i)],
-                       check=True, capture_output=True)
+    """The three models, made side by side (each maker is a process of its own)."""
+    makers = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--hf-cache",
+                                str(cache), "--repo", repo, "--seed", str(i), "--hidden", str(64 + 32 * i)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for i, repo in enumerate(MODELS)]
+    for maker in makers:
+        _, err = maker.communicate()
+        if maker.returncode != 0:
+            raise RuntimeError(f"make_test_model.py failed: {err.decode(errors='replace')[-2000:]}")
 
 
 def memory_limit_for_one(home: Path, cache: Path, num_parallel: int) -> int:

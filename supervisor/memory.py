@@ -92,6 +92,8 @@ RUNTIME_BYTES = 110 * MiB
 KV_STEP = 256  # mlx_lm.models.cache.KVCache.step
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+FUSED_ATTENTION = frozenset({"metal", "cuda"})
+"""Devices whose attention kernel never materializes the scores matrix."""
 
 
 @dataclass(frozen=True)
@@ -104,16 +106,18 @@ class NeedEstimate:
 
 
 def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int, *,
-                  prompt_cache: str = DEFAULT_PROMPT_CACHE) -> NeedEstimate:
+                  prompt_cache: str = DEFAULT_PROMPT_CACHE, device: str = "cpu") -> NeedEstimate:
     """Upper bound on the runner's peak memory for this model and shape (formula above);
-    `prompt_cache` is the CORRAL_PROMPT_CACHE setting."""
+    `prompt_cache` is the CORRAL_PROMPT_CACHE setting, `device` the runner's device kind
+    ("cpu", "metal", "cuda": runner/device.py; only the CPU materializes attention scores)."""
     num_ctx = max(1, int(num_ctx))
     num_parallel = max(1, int(num_parallel))
     if manifest.kind == KIND_EMBEDDING:
         return estimate_embedding_need(manifest, num_ctx)
     weights = manifest.weight_bytes
     kv = manifest.kv_bytes_per_token * num_ctx * num_parallel
-    overhead = RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel) + _prefill(manifest, num_ctx, num_parallel)
+    overhead = (RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel)
+                + _prefill(manifest, num_ctx, num_parallel, scores=device not in FUSED_ATTENTION))
     overhead += num_parallel * max(manifest.vocab_size, 1) * 4 * 4
     cache = prompt_cache_budget(prompt_cache, weights + kv)
     return NeedEstimate(weights=weights, kv=kv, overhead=overhead, total=weights + kv + overhead + cache,
@@ -124,15 +128,16 @@ def _kv_slack(manifest: Manifest, kv: int, num_parallel: int) -> int:
     return manifest.kv_bytes_per_token * num_parallel * KV_STEP + kv
 
 
-def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int) -> int:
+def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int, *, scores: bool = True) -> int:
     chunk = min(num_ctx, PREFILL_STEP)
     hidden = manifest.hidden_size or manifest.num_heads * manifest.head_dim
     intermediate = manifest.intermediate_size or 4 * hidden
     act_bytes = _DTYPE_BYTES.get(manifest.dtype, 4)
     acts = num_parallel * chunk * (8 * hidden + 3 * intermediate) * act_bytes
+    if not scores:
+        return acts
     heads = manifest.num_heads or manifest.kv_heads
-    scores = num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
-    return acts + scores
+    return acts + num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
 
 
 # ---- embedding models -----------------------------------------------------
@@ -173,6 +178,45 @@ class SystemMemoryProbe:
 
     def available(self) -> int:
         return int(psutil.virtual_memory().available)
+
+
+class DeviceMemoryProbe:
+    """A MemoryProbe fed by the device facts runners report (runner/device.py: a standby's
+    stderr line at startup, then every loaded runner's /status).
+
+    CUDA: the GPU's own total and free memory, as last reported (the supervisor cannot
+    read them itself: it never imports mlx). Metal (unified memory) and CPU: the host
+    probe, read live. Before any report: the host probe. `report` is called only by the
+    scheduler's dispatcher.
+    """
+
+    def __init__(self, host: MemoryProbe) -> None:
+        self.host = host
+        self.facts: dict[str, Any] | None = None
+
+    def report(self, facts: Any) -> None:
+        """Take a runner's `device_facts` (anything else is ignored)."""
+        if isinstance(facts, Mapping) and facts.get("device") in ("metal", "cuda", "cpu"):
+            self.facts = dict(facts)
+
+    @property
+    def device(self) -> str:
+        """The reported device kind; "cpu" until a runner has reported."""
+        return str(self.facts["device"]) if self.facts else "cpu"
+
+    def total(self) -> int:
+        if self.facts and self.device == "cuda" and _positive(self.facts.get("total")):
+            return int(self.facts["total"])
+        return self.host.total()
+
+    def available(self) -> int:
+        if self.facts and self.device == "cuda" and _non_negative(self.facts.get("free")):
+            return int(self.facts["free"])
+        return self.host.available()
+
+    def limit(self) -> tuple[int, str]:
+        """The default memory limit and where it comes from (device_limit)."""
+        return device_limit(self.facts, self.host.total())
 
 
 def reported_bytes(status: Mapping[str, Any]) -> int:
@@ -217,3 +261,7 @@ def device_limit(facts: Mapping[str, Any] | None, ram_total: int) -> tuple[int, 
 
 def _positive(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
