@@ -23,11 +23,15 @@ need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
                2048-token chunk per sequence); ACT_PER_TOKEN = 8 x hidden +
                3 x intermediate covers the residual stream, q/k/v/o and the
                gate/up/product of the MLP alive at once.
-             + scores: num_parallel x heads x min(num_ctx, PREFILL_STEP) x
-               num_ctx x 4 bytes x 1.5 (the scores, and their softmax partly
-               in place). On the Linux CPU backend attention is not fused, so
-               these are real buffers, and for long contexts they dominate
-               (on Metal/CUDA fused attention makes this an overestimate).
+             + scores (CPU only): num_parallel x heads x min(num_ctx,
+               PREFILL_STEP) x num_ctx x 4 bytes x 1.25. The CPU backend
+               does not fuse attention: the last prefill chunk's float32
+               scores against every key are one real buffer, and at long
+               contexts it dominates (measured: mlx's peak is the scores
+               plus ~12%, for the mask and softmax temporaries and
+               everything else). Metal and CUDA run a fused attention kernel
+               that never materializes the scores, so the term is left out
+               there (`device`, from the runners' device reports).
     decode   = num_parallel x vocab x 4 bytes x 4 (float32 logits, log-softmax
                and the sampler's copies, one step at a time).
 
@@ -137,7 +141,7 @@ def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int, *, scores: boo
     if not scores:
         return acts
     heads = manifest.num_heads or manifest.kv_heads
-    return acts + num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
+    return acts + num_parallel * heads * chunk * num_ctx * 4 * 5 // 4
 
 
 # ---- embedding models -----------------------------------------------------

@@ -20,8 +20,14 @@ import pytest
 from corral.runner.device import FACTS_PREFIX, facts_line, parse_facts_line
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import InsufficientMemory
-from corral.supervisor.manifest import Manifest
-from corral.supervisor.memory import DeviceMemoryProbe, NeedEstimate, device_limit
+from corral.supervisor.manifest import Manifest, read_manifest
+from corral.supervisor.memory import (
+    PREFILL_STEP,
+    DeviceMemoryProbe,
+    NeedEstimate,
+    device_limit,
+    estimate_need,
+)
 from corral.supervisor.process import StandbyFactory
 
 from tests.test_scheduler_unit import GB, FakeProbe, World
@@ -247,3 +253,22 @@ async def test_a_standby_that_cannot_start_reports_nothing(tmp_path: Path) -> No
         assert await factory.ask_device_facts(30) is None
     finally:
         await factory.aclose()
+
+
+# --- the estimate follows the device --------------------------------------------------------
+
+
+def test_estimate_leaves_out_attention_scores_where_attention_is_fused(tiny_model: Path) -> None:
+    m = read_manifest(tiny_model)
+    cpu = estimate_need(m, 20000, 2)
+    metal = estimate_need(m, 20000, 2, device="metal")
+    assert metal == estimate_need(m, 20000, 2, device="cuda")
+    scores = 2 * m.num_heads * PREFILL_STEP * 20000 * 4 * 5 // 4  # the CPU's scores buffer
+    assert cpu.total - metal.total == scores
+    assert (cpu.weights, cpu.kv) == (metal.weights, metal.kv)
+    assert estimate_need(m, 20000, 2, device="cpu") == cpu  # the default is the CPU
+
+
+def test_fused_estimate_still_grows_with_context(tiny_model: Path) -> None:
+    m = read_manifest(tiny_model)
+    assert estimate_need(m, 20000, 1, device="metal").total > estimate_need(m, 4096, 1, device="metal").total
