@@ -521,8 +521,8 @@ class StandbyFactory:
         seconds. None when no standby could start or report."""
         self.refill()
         if self._filling is not None:
-            with contextlib.suppress(Exception):
-                await self._filling
+            with contextlib.suppress(Exception):  # shielded: giving up on the facts keeps the spare
+                await asyncio.shield(self._filling)
         spare = self._spare
         if spare is not None:
             facts = await spare.wait_device_facts(timeout)

@@ -510,6 +510,7 @@ class Scheduler:
         # Host memory, or the GPU's once a runner reports a CUDA device (fed by the dispatcher).
         self.probe = DeviceMemoryProbe(probe if probe is not None else SystemMemoryProbe())
         self._facts_pending = False  # decisions wait for the standby's device report (start)
+        self._facts_task: asyncio.Task[None] | None = None
         # Default: real runners, with a standby process kept ready (see StandbyFactory).
         self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home,
                                                                                     ports=settings.runner_ports)
@@ -540,7 +541,7 @@ class Scheduler:
         ask = getattr(self.runner_factory, "ask_device_facts", None)
         if ask is not None:  # before any event: the dispatcher has not run yet
             self._facts_pending = True
-            self._spawn(self._ask_device_facts(ask))
+            self._facts_task = asyncio.create_task(self._ask_device_facts(ask))
         for name in list(self.settings.pinned):
             try:
                 lease = await self.acquire(await self.resolve(name))
@@ -552,6 +553,10 @@ class Scheduler:
     async def shutdown(self) -> None:
         """Stop every runner (SIGTERM, bounded wait, SIGKILL, reap)."""
         self._closing = True
+        if self._facts_task is not None:  # a standby still importing must not hold up the exit
+            self._facts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._facts_task
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None and not dispatcher.done():
             done = asyncio.get_running_loop().create_future()

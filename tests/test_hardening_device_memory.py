@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from corral.runner.device import FACTS_PREFIX, facts_line, parse_facts_line
+from corral.supervisor import scheduler as scheduler_module
 from corral.supervisor.config import Settings
 from corral.supervisor.errors import InsufficientMemory
 from corral.supervisor.manifest import Manifest, read_manifest
@@ -29,8 +30,9 @@ from corral.supervisor.memory import (
     estimate_need,
 )
 from corral.supervisor.process import StandbyFactory
+from corral.supervisor.scheduler import Scheduler
 
-from tests.test_scheduler_unit import GB, FakeProbe, World
+from tests.test_scheduler_unit import GB, FakeProbe, FakeStore, World
 
 METAL = {"device": "metal", "total": 64 * GB, "recommended": 8 * GB, "free": None}
 CUDA = {"device": "cuda", "total": 24 * GB, "recommended": None, "free": 5 * GB}
@@ -272,3 +274,39 @@ def test_estimate_leaves_out_attention_scores_where_attention_is_fused(tiny_mode
 def test_fused_estimate_still_grows_with_context(tiny_model: Path) -> None:
     m = read_manifest(tiny_model)
     assert estimate_need(m, 20000, 1, device="metal").total > estimate_need(m, 4096, 1, device="metal").total
+
+
+# --- a standby that never reports -----------------------------------------------------------
+
+
+def _silent_standby(tmp_path: Path) -> list[str]:
+    script = tmp_path / "silent.py"
+    script.write_text("import sys\nsys.stdin.readline()\n")
+    return [sys.executable, str(script)]
+
+
+async def test_a_silent_standby_neither_blocks_decisions_for_long_nor_the_exit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "DEVICE_FACTS_WAIT", 0.5)
+    settings = Settings(home=tmp_path, reserve=0, memory_limit=None)
+    sched = Scheduler(settings, FakeStore({"a": GB}), probe=HostProbe(),
+                      runner_factory=StandbyFactory(tmp_path, command=_silent_standby(tmp_path)))
+    await sched.start()
+    try:
+        for _ in range(400):  # the bounded wait ends; decisions go on with physical memory
+            if not sched._facts_pending:
+                break
+            await asyncio.sleep(0.05)
+        assert not sched._facts_pending
+        assert sched.memory_limit() == (100 * GB, "physical memory")
+    finally:
+        await asyncio.wait_for(sched.shutdown(), 20)
+
+
+async def test_shutdown_does_not_wait_for_the_standbys_report(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, reserve=0, memory_limit=None)
+    sched = Scheduler(settings, FakeStore({"a": GB}), probe=HostProbe(),
+                      runner_factory=StandbyFactory(tmp_path, command=_silent_standby(tmp_path)))
+    await sched.start()
+    assert sched._facts_pending
+    await asyncio.wait_for(sched.shutdown(), 20)  # well under DEVICE_FACTS_WAIT (30 s)
