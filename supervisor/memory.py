@@ -44,37 +44,41 @@ need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
 
 "peak" is the runner process's peak RSS: on the CPU backend every MLX
 buffer lives in RSS, and it is what the OS must have free. Measured on this
-repo's generated llama test models (Linux, mlx 0.32.4 CPU, mlx-lm 0.32.2,
-scripts/calibrate_memory.py: load with mlx_lm, then BatchGenerator decoding
-num_parallel sequences whose prompt + output fill num_ctx exactly):
+repo's generated llama test models (4 heads, float32 unless 4-bit; Linux, mlx
+0.32.4 CPU, mlx-lm 0.32.2, `scripts/calibrate_memory.py --table`: load with
+mlx_lm, then BatchGenerator decoding num_parallel sequences whose prompt +
+output fill num_ctx exactly, each row in a fresh process):
 
-    model (weights)               ctx  par  baseline  peak RSS  estimate  est/peak
-    tiny  h64  L2 f32  (0.6 MB)   256   4    77.3 MiB   89.8 MiB  123.1 MiB  1.37
-    q4    h128 L2 4bit (0.35 MB)  256   4    77.2 MiB   96.8 MiB  129.4 MiB  1.34
-    big   h256 L4 f32  (11.5 MB)  256   4    87.8 MiB  123.0 MiB  165.0 MiB  1.34
-    big                           256   1    87.7 MiB   99.4 MiB  132.0 MiB  1.33
-    big                          1024   1    87.8 MiB  136.2 MiB  177.0 MiB  1.30
-    big                          1024   4    87.8 MiB  257.0 MiB  345.0 MiB  1.34
-    big                          2048   1    87.7 MiB  213.5 MiB  279.0 MiB  1.31
-    big                          2048   4    87.8 MiB  534.1 MiB  753.0 MiB  1.41
+    model (weights)               ctx  par  baseline  peak RSS   estimate  est/peak
+    tiny  h64  L2 f32  (0.6 MB)   256   4   78.4 MiB   91.2 MiB  122.5 MiB  1.34
+    q4    h128 L2 4bit (0.35 MB)  256   4   78.3 MiB   97.6 MiB  128.9 MiB  1.32
+    big   h256 L4 f32  (11.5 MB)  256   4   88.8 MiB  123.9 MiB  168.8 MiB  1.36
+    big                          2048   4   88.8 MiB  532.6 MiB  707.8 MiB  1.33
+    tiny                         4096   2   78.2 MiB  379.7 MiB  463.2 MiB  1.22
+    tiny                         8192   1   78.3 MiB  373.4 MiB  456.0 MiB  1.22
+    tiny                        20000   1   78.1 MiB  737.4 MiB  943.2 MiB  1.28
+    q4                          20000   1   78.2 MiB  795.4 MiB  994.1 MiB  1.25
 
 ("baseline" = RSS right after loading, which includes the weights.)
 
 The same through the real runner (python -m corral.runner --num-ctx C
 --num-parallel P, P concurrent /completion requests each filling C tokens,
-then GET /status memory.peak_rss):
+then GET /status memory.peak_rss; estimates by the formula above):
 
     model   ctx  par  peak RSS   estimate   est/peak
-    tiny    256   4    91.2 MiB  123.1 MiB  1.35
-    q4      256   4   103.7 MiB  129.4 MiB  1.25
-    big     256   4   135.3 MiB  165.0 MiB  1.22
-    big    1024   4   284.8 MiB  345.0 MiB  1.21
-    big    2048   1   221.6 MiB  279.0 MiB  1.26
-    big    2048   4   497.8 MiB  753.0 MiB  1.51
-    tiny   4096   2   394.5 MiB  525.1 MiB  1.33   (prefill in 2048-token chunks)
+    tiny    256   4    91.2 MiB  122.5 MiB  1.34
+    q4      256   4   103.7 MiB  128.9 MiB  1.24
+    big     256   4   135.3 MiB  168.8 MiB  1.25
+    big    1024   4   284.8 MiB  339.8 MiB  1.19
+    big    2048   1   221.6 MiB  269.8 MiB  1.22
+    big    2048   4   497.8 MiB  707.8 MiB  1.42
+    tiny   4096   2   394.5 MiB  463.2 MiB  1.17   (prefill in 2048-token chunks)
+
+On Metal and CUDA the scores term is left out; there is no such machine here
+to measure, and what remains are buffers every backend allocates.
 
 tests/test_memory.py checks peak <= estimate <= 1.5 x peak for the three
-test models at ctx 256, par 4, both ways.
+test models at ctx 256, par 4, both ways, and for tiny at ctx 8192.
 
 A loaded model's footprint is max(estimate, what its runner reports), so a
 runner that outgrows its estimate is charged what it really uses.
