@@ -117,7 +117,11 @@ def await_assignment(args: argparse.Namespace) -> None:
     import corral.runner.engine
     import corral.runner.routes  # noqa: F401
     import mlx_lm  # noqa: F401  (the slow import this mode exists to get done early)
+    from corral.runner.device import device_facts, facts_line
 
+    # The supervisor reads this line to fit its first load against the device's limit.
+    sys.stderr.write(facts_line(device_facts()) + "\n")
+    sys.stderr.flush()
     log.info("standby: imports done, waiting for a model on stdin")
     line = sys.stdin.readline()
     if not line.strip():

@@ -141,7 +141,6 @@ class RunnerApp:
         self.draining = False
         self.streams = 0
         self._max_token_bytes: int | None = None
-        self.device_facts = device_facts()
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
         self.grammars = GrammarCache(self.tokenizer)
@@ -182,7 +181,7 @@ class RunnerApp:
             "active": self.engine.active_count,
             "queued": self.engine.queued_count,
             "device": self.device,
-            "device_facts": self.device_facts,
+            "device_facts": device_facts(),  # afresh: `free` changes
             "memory": {
                 "active": mx.get_active_memory(),
                 "cache": mx.get_cache_memory(),

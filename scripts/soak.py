@@ -68,6 +68,7 @@ class Run:
     faults: list[Fault] = field(default_factory=list)
     hung: int = 0
     runner_pids: set[int] = field(default_factory=set)
+    last_model: str | None = None  # the model the last request sent asked for
 
 
 def free_port() -> int:
@@ -77,10 +78,15 @@ def free_port() -> int:
 
 
 def make_models(cache: Path) -> None:
-    for i, repo in enumerate(MODELS):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--hf-cache", str(cache),
-                        "--repo", repo, "--seed", str(i), "--hidden", str(64 + 32 * i)],
-                       check=True, capture_output=True)
+    """The three models, made side by side (each maker is a process of its own)."""
+    makers = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--hf-cache",
+                                str(cache), "--repo", repo, "--seed", str(i), "--hidden", str(64 + 32 * i)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for i, repo in enumerate(MODELS)]
+    for maker in makers:
+        _, err = maker.communicate()
+        if maker.returncode != 0:
+            raise RuntimeError(f"make_test_model.py failed: {err.decode(errors='replace')[-2000:]}")
 
 
 def memory_limit_for_one(home: Path, cache: Path, num_parallel: int) -> int:
@@ -121,9 +127,16 @@ def stream_error(family: str, line: str) -> str:
 
 async def one_request(http: httpx.AsyncClient, run: Run, sticky: float) -> None:
     family = random.choice(("ollama", "openai", "anthropic"))
-    # sticky: the chance a request asks for the previous request's model (fewer model switches)
-    last = run.outcomes[-1].model if run.outcomes else None
-    model = last if last is not None and random.random() < sticky else random.choice(MODELS)
+    # sticky: the chance a request asks for the previous request's model (fewer model switches).
+    # "Previous" is the one last sent, not the last to finish: with models queued behind each
+    # other the last to finish rotates through all three, and following it switches on every batch.
+    # Otherwise another model: every non-sticky pick is a switch, so a short run sees all three.
+    last = run.last_model
+    if last is not None and random.random() < sticky:
+        model = last
+    else:
+        model = random.choice([m for m in MODELS if m != last])
+    run.last_model = model
     stream = random.random() < 0.6
     cancel = stream and random.random() < 0.2
     path, body = request_for(family, model, stream)
@@ -299,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sticky", type=float, default=0.0,
-                   help="chance a request reuses the previous request's model (0: every pick random)")
+                   help="chance a request asks for the model the previous one asked for; otherwise it "
+                        "asks for another (0: every request switches)")
     args = p.parse_args(argv)
     random.seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="corral-soak-") as tmp:

@@ -407,6 +407,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a stream silent this long whose runner's /health fails too is killed; `0` never"),
     Setting("drain_timeout", "DURATION", "2m", _duration,
             "a load waiting this long for busy models to finish gets 503 + Retry-After; `0` never"),
+    Setting("header_timeout", "DURATION", "30s", _duration,
+            "a client connection whose request headers are not all in by then is closed; `0` never"),
+    Setting("body_timeout", "DURATION", "60s", _duration,
+            "a client connection whose request body sends nothing this long is closed; `0` never"),
     Setting("api_key", "KEY", None, _text,
             "require `Authorization: Bearer` / `x-api-key` on API routes", default_note="none",
             show=_show_is_set),
@@ -470,6 +474,8 @@ class Settings:
     load_timeout: float = field(default_factory=_default("load_timeout"))
     stall_timeout: float = field(default_factory=_default("stall_timeout"))  # seconds; <= 0: never
     drain_timeout: float = field(default_factory=_default("drain_timeout"))  # seconds; <= 0: never
+    header_timeout: float = field(default_factory=_default("header_timeout"))  # seconds; <= 0: never
+    body_timeout: float = field(default_factory=_default("body_timeout"))  # seconds of body silence; <= 0: never
     api_key: str | None = field(default_factory=_default("api_key"))
     api_key_file: Path | None = field(default_factory=_default("api_key_file"))  # where api_key was read
     origins: list[str] = field(default_factory=_default("origins"))

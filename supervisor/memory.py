@@ -23,11 +23,15 @@ need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
                2048-token chunk per sequence); ACT_PER_TOKEN = 8 x hidden +
                3 x intermediate covers the residual stream, q/k/v/o and the
                gate/up/product of the MLP alive at once.
-             + scores: num_parallel x heads x min(num_ctx, PREFILL_STEP) x
-               num_ctx x 4 bytes x 1.5 (the scores, and their softmax partly
-               in place). On the Linux CPU backend attention is not fused, so
-               these are real buffers, and for long contexts they dominate
-               (on Metal/CUDA fused attention makes this an overestimate).
+             + scores (CPU only): num_parallel x heads x min(num_ctx,
+               PREFILL_STEP) x num_ctx x 4 bytes x 1.25. The CPU backend
+               does not fuse attention: the last prefill chunk's float32
+               scores against every key are one real buffer, and at long
+               contexts it dominates (measured: mlx's peak is the scores
+               plus ~12%, for the mask and softmax temporaries and
+               everything else). Metal and CUDA run a fused attention kernel
+               that never materializes the scores, so the term is left out
+               there (`device`, from the runners' device reports).
     decode   = num_parallel x vocab x 4 bytes x 4 (float32 logits, log-softmax
                and the sampler's copies, one step at a time).
 
@@ -40,37 +44,41 @@ need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
 
 "peak" is the runner process's peak RSS: on the CPU backend every MLX
 buffer lives in RSS, and it is what the OS must have free. Measured on this
-repo's generated llama test models (Linux, mlx 0.32.4 CPU, mlx-lm 0.32.2,
-scripts/calibrate_memory.py: load with mlx_lm, then BatchGenerator decoding
-num_parallel sequences whose prompt + output fill num_ctx exactly):
+repo's generated llama test models (4 heads, float32 unless 4-bit; Linux, mlx
+0.32.4 CPU, mlx-lm 0.32.2, `scripts/calibrate_memory.py --table`: load with
+mlx_lm, then BatchGenerator decoding num_parallel sequences whose prompt +
+output fill num_ctx exactly, each row in a fresh process):
 
-    model (weights)               ctx  par  baseline  peak RSS  estimate  est/peak
-    tiny  h64  L2 f32  (0.6 MB)   256   4    77.3 MiB   89.8 MiB  123.1 MiB  1.37
-    q4    h128 L2 4bit (0.35 MB)  256   4    77.2 MiB   96.8 MiB  129.4 MiB  1.34
-    big   h256 L4 f32  (11.5 MB)  256   4    87.8 MiB  123.0 MiB  165.0 MiB  1.34
-    big                           256   1    87.7 MiB   99.4 MiB  132.0 MiB  1.33
-    big                          1024   1    87.8 MiB  136.2 MiB  177.0 MiB  1.30
-    big                          1024   4    87.8 MiB  257.0 MiB  345.0 MiB  1.34
-    big                          2048   1    87.7 MiB  213.5 MiB  279.0 MiB  1.31
-    big                          2048   4    87.8 MiB  534.1 MiB  753.0 MiB  1.41
+    model (weights)               ctx  par  baseline  peak RSS   estimate  est/peak
+    tiny  h64  L2 f32  (0.6 MB)   256   4   78.4 MiB   91.2 MiB  122.5 MiB  1.34
+    q4    h128 L2 4bit (0.35 MB)  256   4   78.3 MiB   97.6 MiB  128.9 MiB  1.32
+    big   h256 L4 f32  (11.5 MB)  256   4   88.8 MiB  123.9 MiB  168.8 MiB  1.36
+    big                          2048   4   88.8 MiB  532.6 MiB  707.8 MiB  1.33
+    tiny                         4096   2   78.2 MiB  379.7 MiB  463.2 MiB  1.22
+    tiny                         8192   1   78.3 MiB  373.4 MiB  456.0 MiB  1.22
+    tiny                        20000   1   78.1 MiB  737.4 MiB  943.2 MiB  1.28
+    q4                          20000   1   78.2 MiB  795.4 MiB  994.1 MiB  1.25
 
 ("baseline" = RSS right after loading, which includes the weights.)
 
 The same through the real runner (python -m corral.runner --num-ctx C
 --num-parallel P, P concurrent /completion requests each filling C tokens,
-then GET /status memory.peak_rss):
+then GET /status memory.peak_rss; estimates by the formula above):
 
     model   ctx  par  peak RSS   estimate   est/peak
-    tiny    256   4    91.2 MiB  123.1 MiB  1.35
-    q4      256   4   103.7 MiB  129.4 MiB  1.25
-    big     256   4   135.3 MiB  165.0 MiB  1.22
-    big    1024   4   284.8 MiB  345.0 MiB  1.21
-    big    2048   1   221.6 MiB  279.0 MiB  1.26
-    big    2048   4   497.8 MiB  753.0 MiB  1.51
-    tiny   4096   2   394.5 MiB  525.1 MiB  1.33   (prefill in 2048-token chunks)
+    tiny    256   4    91.2 MiB  122.5 MiB  1.34
+    q4      256   4   103.7 MiB  128.9 MiB  1.24
+    big     256   4   135.3 MiB  168.8 MiB  1.25
+    big    1024   4   284.8 MiB  339.8 MiB  1.19
+    big    2048   1   221.6 MiB  269.8 MiB  1.22
+    big    2048   4   497.8 MiB  707.8 MiB  1.42
+    tiny   4096   2   394.5 MiB  463.2 MiB  1.17   (prefill in 2048-token chunks)
+
+On Metal and CUDA the scores term is left out; there is no such machine here
+to measure, and what remains are buffers every backend allocates.
 
 tests/test_memory.py checks peak <= estimate <= 1.5 x peak for the three
-test models at ctx 256, par 4, both ways.
+test models at ctx 256, par 4, both ways, and for tiny at ctx 8192.
 
 A loaded model's footprint is max(estimate, what its runner reports), so a
 runner that outgrows its estimate is charged what it really uses.
@@ -92,6 +100,8 @@ RUNTIME_BYTES = 110 * MiB
 KV_STEP = 256  # mlx_lm.models.cache.KVCache.step
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+FUSED_ATTENTION = frozenset({"metal", "cuda"})
+"""Devices whose attention kernel never materializes the scores matrix."""
 
 
 @dataclass(frozen=True)
@@ -104,16 +114,18 @@ class NeedEstimate:
 
 
 def estimate_need(manifest: Manifest, num_ctx: int, num_parallel: int, *,
-                  prompt_cache: str = DEFAULT_PROMPT_CACHE) -> NeedEstimate:
+                  prompt_cache: str = DEFAULT_PROMPT_CACHE, device: str = "cpu") -> NeedEstimate:
     """Upper bound on the runner's peak memory for this model and shape (formula above);
-    `prompt_cache` is the CORRAL_PROMPT_CACHE setting."""
+    `prompt_cache` is the CORRAL_PROMPT_CACHE setting, `device` the runner's device kind
+    ("cpu", "metal", "cuda": runner/device.py; only the CPU materializes attention scores)."""
     num_ctx = max(1, int(num_ctx))
     num_parallel = max(1, int(num_parallel))
     if manifest.kind == KIND_EMBEDDING:
         return estimate_embedding_need(manifest, num_ctx)
     weights = manifest.weight_bytes
     kv = manifest.kv_bytes_per_token * num_ctx * num_parallel
-    overhead = RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel) + _prefill(manifest, num_ctx, num_parallel)
+    overhead = (RUNTIME_BYTES + _kv_slack(manifest, kv, num_parallel)
+                + _prefill(manifest, num_ctx, num_parallel, scores=device not in FUSED_ATTENTION))
     overhead += num_parallel * max(manifest.vocab_size, 1) * 4 * 4
     cache = prompt_cache_budget(prompt_cache, weights + kv)
     return NeedEstimate(weights=weights, kv=kv, overhead=overhead, total=weights + kv + overhead + cache,
@@ -124,15 +136,16 @@ def _kv_slack(manifest: Manifest, kv: int, num_parallel: int) -> int:
     return manifest.kv_bytes_per_token * num_parallel * KV_STEP + kv
 
 
-def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int) -> int:
+def _prefill(manifest: Manifest, num_ctx: int, num_parallel: int, *, scores: bool = True) -> int:
     chunk = min(num_ctx, PREFILL_STEP)
     hidden = manifest.hidden_size or manifest.num_heads * manifest.head_dim
     intermediate = manifest.intermediate_size or 4 * hidden
     act_bytes = _DTYPE_BYTES.get(manifest.dtype, 4)
     acts = num_parallel * chunk * (8 * hidden + 3 * intermediate) * act_bytes
+    if not scores:
+        return acts
     heads = manifest.num_heads or manifest.kv_heads
-    scores = num_parallel * heads * chunk * num_ctx * 4 * 3 // 2
-    return acts + scores
+    return acts + num_parallel * heads * chunk * num_ctx * 4 * 5 // 4
 
 
 # ---- embedding models -----------------------------------------------------
@@ -173,6 +186,45 @@ class SystemMemoryProbe:
 
     def available(self) -> int:
         return int(psutil.virtual_memory().available)
+
+
+class DeviceMemoryProbe:
+    """A MemoryProbe fed by the device facts runners report (runner/device.py: a standby's
+    stderr line at startup, then every loaded runner's /status).
+
+    CUDA: the GPU's own total and free memory, as last reported (the supervisor cannot
+    read them itself: it never imports mlx). Metal (unified memory) and CPU: the host
+    probe, read live. Before any report: the host probe. `report` is called only by the
+    scheduler's dispatcher.
+    """
+
+    def __init__(self, host: MemoryProbe) -> None:
+        self.host = host
+        self.facts: dict[str, Any] | None = None
+
+    def report(self, facts: Any) -> None:
+        """Take a runner's `device_facts` (anything else is ignored)."""
+        if isinstance(facts, Mapping) and facts.get("device") in ("metal", "cuda", "cpu"):
+            self.facts = dict(facts)
+
+    @property
+    def device(self) -> str:
+        """The reported device kind; "cpu" until a runner has reported."""
+        return str(self.facts["device"]) if self.facts else "cpu"
+
+    def total(self) -> int:
+        if self.facts and self.device == "cuda" and _positive(self.facts.get("total")):
+            return int(self.facts["total"])
+        return self.host.total()
+
+    def available(self) -> int:
+        if self.facts and self.device == "cuda" and _non_negative(self.facts.get("free")):
+            return int(self.facts["free"])
+        return self.host.available()
+
+    def limit(self) -> tuple[int, str]:
+        """The default memory limit and where it comes from (device_limit)."""
+        return device_limit(self.facts, self.host.total())
 
 
 def reported_bytes(status: Mapping[str, Any]) -> int:
@@ -217,3 +269,7 @@ def device_limit(facts: Mapping[str, Any] | None, ram_total: int) -> tuple[int, 
 
 def _positive(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from corral.runner.device import parse_facts_line
 from corral.runner.protocol import (
     KV_DIR_ENV,
     KV_DISK_ENV,
@@ -141,6 +142,8 @@ class RunnerProcess:
         self._watch_task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
+        self.device_facts: dict[str, Any] | None = None  # a standby's stderr report (runner/device.py)
+        self._facts_reported = asyncio.Event()
 
     # -- state --------------------------------------------------------------
 
@@ -308,13 +311,29 @@ class RunnerProcess:
             if not raw:
                 return
             text = raw.decode("utf-8", "replace").strip()
-            if text:
+            facts = parse_facts_line(text)
+            if facts is not None:
+                self.device_facts = facts
+                self._facts_reported.set()
+            elif text:
                 self.stderr_tail.append(text[:2000])
             written = self._write_log(raw)
             if not written and not log_failed:  # once per spell of failures, not per line
                 log.warning("runner %s (pid %s): cannot write %s; dropping its log lines",
                             self.name, self.pid, self.log_path)
             log_failed = not written
+
+    async def wait_device_facts(self, timeout: float) -> dict[str, Any] | None:
+        """The device facts a standby reports once its imports are done; None if it
+        exits or stays silent for `timeout` seconds."""
+        reported = asyncio.ensure_future(self._facts_reported.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait({reported, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reported.cancel()
+            exited.cancel()
+        return self.device_facts
 
     def _write_log(self, raw: bytes) -> bool:
         """Append to the runner's log; False when the disk refuses (the line is dropped).
@@ -466,6 +485,7 @@ class StandbyFactory:
         self._filling: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Future[None]] = set()
         self._closed = False
+        self.device_facts: dict[str, Any] | None = None  # the last standby's report
 
     def __call__(self, spec: Any) -> RunnerProcess:
         spare, self._spare = self._spare, None
@@ -511,6 +531,21 @@ class StandbyFactory:
             await spare.stop()
             return
         self._spare = spare
+
+    async def ask_device_facts(self, timeout: float) -> dict[str, Any] | None:
+        """What the device can hold, as a standby reports it (runner/device.py): the
+        spare is started if there is none, and its report awaited up to `timeout`
+        seconds. None when no standby could start or report."""
+        self.refill()
+        if self._filling is not None:
+            with contextlib.suppress(Exception):  # shielded: giving up on the facts keeps the spare
+                await asyncio.shield(self._filling)
+        spare = self._spare
+        if spare is not None:
+            facts = await spare.wait_device_facts(timeout)
+            if facts is not None:
+                self.device_facts = facts
+        return self.device_facts
 
     async def aclose(self) -> None:
         self._closed = True

@@ -71,10 +71,10 @@ from corral.supervisor.config import Settings, default_context_length
 from corral.supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
 from corral.supervisor.manifest import Manifest
 from corral.supervisor.memory import (
+    DeviceMemoryProbe,
     MemoryProbe,
     NeedEstimate,
     SystemMemoryProbe,
-    device_limit,
     estimate_need,
     footprint,
 )
@@ -93,6 +93,10 @@ log = logging.getLogger(__name__)
 
 STATUS_REFRESH = 5.0  # seconds between /status refreshes of a loaded model's footprint
 
+
+DEVICE_FACTS_WAIT = 30.0
+"""Seconds the first decisions wait at startup for the standby's device report
+(its imports take a few seconds; a load would wait for them anyway)."""
 
 STALL_HEALTH_TIMEOUT = 5.0
 """Seconds a silent runner's /health has to answer before it counts as hung."""
@@ -188,7 +192,8 @@ class PlainFactory:
         pass
 
 
-EstimateFn = Callable[[Manifest, int, int], NeedEstimate]
+EstimateFn = Callable[..., NeedEstimate]
+"""estimate_need's shape: (manifest, num_ctx, num_parallel, *, device) -> NeedEstimate."""
 
 
 def default_runner_factory(spec: RunnerSpec) -> RunnerProcess:
@@ -377,6 +382,13 @@ class _Shutdown:
 
 
 @dataclass(eq=False)
+class _DeviceFacts:
+    """The standby's device report arrived (None: it could not tell)."""
+
+    facts: dict[str, Any] | None
+
+
+@dataclass(eq=False)
 class _DrainExpired:
     """A ticket has waited drain_timeout for busy models to make room."""
 
@@ -384,7 +396,7 @@ class _DrainExpired:
 
 
 _Event = (_Acquire | _Abandoned | _Released | _TimerExpired | _RunnerExited | _Unload | _Planned
-          | _StatusDone | _LoadDone | _Stopped | _Shutdown | _DrainExpired)
+          | _StatusDone | _LoadDone | _Stopped | _Shutdown | _DrainExpired | _DeviceFacts)
 
 
 class Lease:
@@ -520,7 +532,10 @@ class Scheduler:
         self.settings = settings
         self.store = store
         self.estimate = estimate
-        self.probe: MemoryProbe = probe if probe is not None else SystemMemoryProbe()
+        # Host memory, or the GPU's once a runner reports a CUDA device (fed by the dispatcher).
+        self.probe = DeviceMemoryProbe(probe if probe is not None else SystemMemoryProbe())
+        self._facts_pending = False  # decisions wait for the standby's device report (start)
+        self._facts_task: asyncio.Task[None] | None = None
         # Default: real runners, with a standby process kept ready (see StandbyFactory).
         self.runner_factory: RunnerFactory = runner_factory or StandbyFactory(settings.home,
                                                                                     ports=settings.runner_ports)
@@ -548,6 +563,10 @@ class Scheduler:
             log.warning("killed %d orphaned runner(s): %s", len(killed), killed)
         self._ensure_dispatcher()
         self.runner_factory.refill()
+        ask = getattr(self.runner_factory, "ask_device_facts", None)
+        if ask is not None:  # before any event: the dispatcher has not run yet
+            self._facts_pending = True
+            self._facts_task = asyncio.create_task(self._ask_device_facts(ask))
         for name in list(self.settings.pinned):
             try:
                 lease = await self.acquire(await self.resolve(name))
@@ -559,6 +578,10 @@ class Scheduler:
     async def shutdown(self) -> None:
         """Stop every runner (SIGTERM, bounded wait, SIGKILL, reap)."""
         self._closing = True
+        if self._facts_task is not None:  # a standby still importing must not hold up the exit
+            self._facts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._facts_task
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None and not dispatcher.done():
             done = asyncio.get_running_loop().create_future()
@@ -738,19 +761,18 @@ class Scheduler:
     def _shape(self, manifest: Manifest, num_ctx: int | None) -> tuple[int, int]:
         ctx = num_ctx if num_ctx and num_ctx > 0 else self.settings.context_length
         if ctx <= 0:  # not configured: Ollama's tiers by the memory there is
-            ctx = default_context_length(self.settings.memory_limit or self.probe.total())
+            ctx = default_context_length(self.memory_limit()[0])
         if manifest.max_context > 0:
             ctx = min(ctx, manifest.max_context)
         return max(1, int(ctx)), max(1, int(self.settings.num_parallel))
 
     def memory_limit(self) -> tuple[int, str]:
         """The limit loads are fitted under and where it came from: the setting, else what
-        the device a runner reported can hold (device_limit), else physical memory."""
+        the device a runner (the standby at startup, then loaded ones) reported can hold
+        (device_limit), else physical memory."""
         if self.settings.memory_limit:
             return int(self.settings.memory_limit), "memory_limit setting"
-        facts = next((e.status.get("device_facts") for e in self._table.values()
-                      if isinstance(e.status.get("device_facts"), dict)), None)
-        return device_limit(facts, self.probe.total())
+        return self.probe.limit()
 
     def _snapshot(self, head: _Ticket, need: int) -> policy.Snapshot:
         s = self.settings
@@ -798,6 +820,16 @@ class Scheduler:
             self._post(_Planned(ticket, None, RunnerFailed(f"cannot read model '{ticket.ref.name}': {e}")))
         else:
             self._post(_Planned(ticket, manifest, None))
+
+    async def _ask_device_facts(self, ask: Callable[[float], Coroutine[Any, Any, Any]]) -> None:
+        facts: dict[str, Any] | None = None
+        try:
+            found = await ask(DEVICE_FACTS_WAIT)
+            facts = found if isinstance(found, dict) else None
+        except Exception as e:
+            log.warning("the standby runner could not report its device: %s", e)
+        finally:
+            self._post(_DeviceFacts(facts))
 
     async def _fetch_statuses(self, entries: list[_Entry]) -> None:
         found: list[tuple[_Entry, dict[str, Any] | None]] = []
@@ -870,6 +902,8 @@ class Scheduler:
             self._on_stopped(event.entry)
         elif isinstance(event, _DrainExpired):
             self._on_drain_expired(event.ticket)
+        elif isinstance(event, _DeviceFacts):
+            self._on_device_facts(event.facts)
         else:
             self._on_shutdown(event.done)
 
@@ -974,6 +1008,13 @@ class Scheduler:
         else:
             event.ticket.manifest = event.manifest
 
+    def _on_device_facts(self, facts: dict[str, Any] | None) -> None:
+        self._facts_pending = False
+        self.probe.report(facts)
+        if facts is not None:
+            limit, source = self.memory_limit()
+            log.info("device %s: memory limit %d bytes (%s)", self.probe.device, limit, source)
+
     def _on_status(self, event: _StatusDone) -> None:
         self._refreshing = False
         now = time.monotonic()
@@ -981,6 +1022,7 @@ class Scheduler:
             entry.status_at = now  # a failed refresh waits for the next interval too
             if status is not None:
                 entry.status = status
+                self.probe.report(status.get("device_facts"))
 
     def _on_load_done(self, event: _LoadDone) -> None:
         entry = event.entry
@@ -1001,6 +1043,7 @@ class Scheduler:
         entry.phase = _Phase.LOADED
         entry.process.on_exit = lambda _runner: self._post(_RunnerExited(entry))
         entry.status, entry.status_at = event.status, time.monotonic()
+        self.probe.report(event.status.get("device_facts"))
         for t in waiters:
             self._grant(entry)
             t.future.set_result((entry, True))
@@ -1111,7 +1154,7 @@ class Scheduler:
                 self._planning = head
                 self._spawn(self._read_manifest(head))
             return False
-        if self._refreshing:
+        if self._refreshing or self._facts_pending:
             return False
         stale = self._stale()
         if stale:  # footprints older than STATUS_REFRESH: decide on fresh ones
@@ -1133,7 +1176,7 @@ class Scheduler:
     def _decide(self, head: _Ticket, manifest: Manifest) -> bool:
         try:
             num_ctx, num_parallel = self._shape(manifest, head.num_ctx)
-            estimate = self.estimate(manifest, num_ctx, num_parallel)
+            estimate = self.estimate(manifest, num_ctx, num_parallel, device=self.probe.device)
             need = int(estimate.total)
         except Exception as e:
             self._fail_all(head.key, e if isinstance(e, CorralError)

@@ -102,6 +102,7 @@ def _setup_logging(level: str) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from corral.supervisor.app import create_app
+    from corral.supervisor.read_timeouts import guarded_protocol
 
     _setup_logging(args.log_level)
     try:
@@ -122,7 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
     ctx = build_context(settings)
     app = create_app(ctx)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=bool(getattr(args, "access_log", False)),
-                            timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
+                            timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S,
+                            http=guarded_protocol(settings.header_timeout, settings.body_timeout))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

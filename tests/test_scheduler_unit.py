@@ -69,7 +69,7 @@ class FakeStore:
         return manifest(self.sizes[ref.name])
 
 
-def estimate(m: Manifest, num_ctx: int, num_parallel: int) -> NeedEstimate:
+def estimate(m: Manifest, num_ctx: int, num_parallel: int, **_: object) -> NeedEstimate:
     return NeedEstimate(m.weight_bytes, 0, 0, m.weight_bytes)
 
 

@@ -24,7 +24,8 @@ def _soak_module() -> object:
 def test_short_soak(tmp_path: Path) -> None:
     soak = _soak_module()
     random.seed(1)
-    result = soak.soak(100, 8, tmp_path, sticky=0.85)  # type: ignore[attr-defined]
+    # sticky: most requests stay on the model last asked for; ~7 model switches, plus the faults' reloads
+    result = soak.soak(100, 8, tmp_path, sticky=0.93)  # type: ignore[attr-defined]
     assert result["requests"] == 100 and result["hung"] == 0, result
     assert result["unexplained_errors"] == 0, result
     assert set(result["errors_by_status"]) <= {500, 503}, result  # 500s only from the faults

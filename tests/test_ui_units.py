@@ -36,7 +36,7 @@ def context(w: World) -> AppContext:
     return AppContext(settings=w.settings, store=w.store, scheduler=w.sched)  # type: ignore[arg-type]
 
 
-def split_estimate(m: Any, num_ctx: int, num_parallel: int) -> NeedEstimate:
+def split_estimate(m: Any, num_ctx: int, num_parallel: int, **_: Any) -> NeedEstimate:
     weights = m.weight_bytes
     return NeedEstimate(weights=weights, kv=weights // 4, overhead=weights // 8,
                         total=weights + weights // 4 + weights // 8 + weights // 16, prompt_cache=weights // 16)

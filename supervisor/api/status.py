@@ -27,7 +27,7 @@ PROBLEM_SHOWN_FOR = 600.0
 
 def metrics_text(ctx: AppContext) -> bytes:
     scheduler = ctx.scheduler
-    limit = ctx.settings.memory_limit or scheduler.probe.total()
+    limit, _ = scheduler.memory_limit()
     models = [ModelGauge(m.name, m.size) for m in scheduler.loaded()]
     return scheduler.metrics.render(queue_depth=scheduler.queue_depth(), memory_limit=int(limit),
                                     models=models)
