@@ -2,11 +2,12 @@
 
 Two families:
 
-- Encoder-only models (BERT, RoBERTa / XLM-RoBERTa: bge, e5, all-MiniLM, ...)
-  run on the small MLX module below, written for this runner: mlx-embeddings
-  covers them too, but it imports mlx-vlm at load time, which pulls in
-  datasets, opencv, mlx-audio and fastapi (hundreds of MB) for nothing a text
-  embedding needs.
+- Encoder-only models run on small MLX modules written for this runner:
+  BERT, RoBERTa / XLM-RoBERTa (bge, e5, all-MiniLM, ...) below; nomic-bert
+  (nomic-embed-text) and ModernBERT in runner/encoders. mlx-embeddings covers
+  some of them too, but not nomic-bert, and it imports mlx-vlm at load time,
+  which pulls in datasets, opencv, mlx-audio and fastapi (hundreds of MB) for
+  nothing a text embedding needs.
 - Decoder models (Qwen3-Embedding and any other mlx_lm architecture shipped
   with sentence-transformers files) run on mlx_lm's own model code: the
   backbone's final hidden states (`model.model(ids)`), then the pooling the
@@ -39,6 +40,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from corral.runner import encoders
 from corral.runner.embed_spec import EMBED_BATCH_TOKENS, EMBED_MAX_BATCH, EmbedSpec
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
@@ -137,6 +139,8 @@ class Encoder(nn.Module):
     def __init__(self, args: EncoderArgs) -> None:
         super().__init__()
         self.args = args
+        self.hidden_size = args.hidden_size
+        self.max_tokens = args.max_tokens
         self.embeddings = _Embeddings(args)
         self.layers = [_Layer(args) for _ in range(args.num_hidden_layers)]
 
@@ -198,7 +202,10 @@ def encoder_to_hf_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def load_encoder(model_dir: Path, config: dict[str, Any]) -> Encoder:
+def load_encoder(model_dir: Path, config: dict[str, Any]) -> encoders.Encoder:
+    """The encoder for config.json's model_type: BERT/RoBERTa here, rotary families in runner/encoders."""
+    if config.get("model_type") in encoders.FAMILIES:
+        return encoders.load(model_dir, config)
     model = Encoder(EncoderArgs.from_config(config))
     weights: dict[str, mx.array] = {}
     for path in sorted(model_dir.glob("model*.safetensors")):
@@ -250,8 +257,8 @@ class EmbeddingModel:
         if spec.encoder:
             encoder = load_encoder(model_dir, config)
             self._forward = lambda ids, valid: encoder(ids, valid)
-            self.dimensions = encoder.args.hidden_size
-            model_max = encoder.args.max_tokens
+            self.dimensions = encoder.hidden_size
+            model_max = encoder.max_tokens
         else:
             from mlx_lm.utils import load_model
 
