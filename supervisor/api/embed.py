@@ -1,7 +1,8 @@
 """Embeddings: Ollama's /api/embed and /api/embeddings, OpenAI's /v1/embeddings.
 
 All three lease the model from the scheduler like generation does (same
-loading, fitting, eviction and keep_alive) and send the inputs to the
+pull-on-demand of a missing model, loading, fitting, eviction, keep_alive and
+the num_ctx stored by /api/create) and send the inputs to the
 runner's /embed route in one request, where they are batched together with
 other requests' inputs. Vectors come back L2-normalized (Ollama's /api/embed
 behaviour), on every route; `dimensions` cuts them to the first N components
@@ -22,6 +23,7 @@ from typing import Any
 
 import anyio
 from corral.runner.embed_spec import KIND_EMBEDDING
+from corral.supervisor.api import completion
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field, read_json
 from corral.supervisor.errors import BadRequest
@@ -50,13 +52,15 @@ async def embed_inputs(ctx: AppContext, model: str, inputs: list[Any], *, trunca
 
     inputs: strings or token id lists. An empty list only loads the model.
     """
-    ref = await ctx.scheduler.resolve(model)
+    ref = await completion.resolve(ctx, model)  # pulls a missing model, as generation does
     # A loaded model's manifest is at hand; reading it again would cost a thread hop per request.
     manifest = next((m.manifest for m in ctx.scheduler.loaded() if m.name == ref.name), None)
     if manifest is None:
         manifest = await anyio.to_thread.run_sync(ctx.store.manifest, ref)
     if manifest.kind != KIND_EMBEDDING:
         raise BadRequest(not_embedding_message(model), param="model")
+    if num_ctx is None:
+        num_ctx = completion.stored_num_ctx(ref.defaults)
     async with await ctx.scheduler.acquire(ref, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
         if not inputs:
             return Embedded([], 0, lease.load_duration)
