@@ -16,8 +16,8 @@ from corral.runner.embed_spec import (
     EmbedSpecError,
     embedding_spec,
 )
-from corral.supervisor.api.embed import _b64, _openai_input
-from corral.supervisor.errors import BadRequest
+from corral.supervisor.api.embed import _floats, _openai_input
+from corral.supervisor.errors import BadRequest, RunnerFailed
 from corral.supervisor.manifest import read_manifest
 from corral.supervisor.memory import estimate_need
 from corral.supervisor.store import ModelStore
@@ -103,12 +103,39 @@ def test_batches_respect_size_and_token_limits() -> None:
 
 
 def test_cut_renormalizes() -> None:
+    import numpy as np
     from corral.runner.embedding import _cut
 
-    v = [0.6, 0.8, 0.0]
-    assert _cut(v, None) == v
-    assert _cut(v, 1) == [1.0]
-    assert math.isclose(sum(x * x for x in _cut([0.5, 0.5, 0.5, 0.5], 3)), 1.0)
+    v = np.array([[0.6, 0.8, 0.0], [0.5, 0.5, 0.5]], dtype=np.float32)
+    assert _cut(v, None) is v
+    assert _cut(v, 1).tolist() == [[1.0], [1.0]]
+    three = _cut(np.full((1, 4), 0.5, dtype=np.float32), 3)
+    assert three.shape == (1, 3) and math.isclose(float((three**2).sum()), 1.0, rel_tol=1e-6)
+
+
+def test_job_encodes_floats_or_float32_base64() -> None:
+    import asyncio
+    import base64
+    import struct
+
+    import numpy as np
+    from corral.runner.embedding import EmbedJob
+
+    loop = asyncio.new_event_loop()
+    try:
+        def job(encoding: str, dimensions: int | None) -> EmbedJob:
+            j = EmbedJob(inputs=[[1], [2]], dimensions=dimensions, loop=loop, future=loop.create_future(),
+                         encoding=encoding)
+            j.results = [np.array([0.6, 0.8, 0.0], dtype=np.float32), np.array([0.0, 0.0, 1.0], dtype=np.float32)]
+            return j
+
+        floats = job("float", None).vectors()
+        assert np.allclose(floats, [[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+        encoded = job("base64", 2).vectors()
+        assert struct.unpack("<2f", base64.b64decode(encoded[0])) == pytest.approx((0.6, 0.8))
+        assert _floats(encoded[0]) == pytest.approx([0.6, 0.8])
+    finally:
+        loop.close()
 
 
 def test_openai_input_shapes() -> None:
@@ -125,8 +152,10 @@ def test_base64_is_float32_little_endian() -> None:
     import base64
     import struct
 
-    raw = base64.b64decode(_b64([1.0, -0.5]))
-    assert struct.unpack("<2f", raw) == (1.0, -0.5)
+    assert _floats(base64.b64encode(struct.pack("<2f", 1.0, -0.5)).decode()) == [1.0, -0.5]
+    for bad in ("not base64!", base64.b64encode(b"12345").decode()):
+        with pytest.raises(RunnerFailed):
+            _floats(bad)
 
 
 def test_hugging_face_bert_names_map_both_ways() -> None:
