@@ -40,10 +40,15 @@ class ModernBertArgs:
     local_window: int
     global_base: float
     local_base: float
+    layer_types: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> ModernBertArgs:
-        global_base = float(c.get("global_rope_theta") or 160000.0)
+        # transformers >= 5 saves rope_parameters per layer type instead of the *_rope_theta pair
+        rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+        full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        global_base = float(full.get("rope_theta") or c.get("global_rope_theta") or 160000.0)
+        local_base = float(sliding.get("rope_theta") or c.get("local_rope_theta") or global_base)
         return cls(
             vocab_size=int(c["vocab_size"]),
             hidden_size=int(c["hidden_size"]),
@@ -59,11 +64,17 @@ class ModernBertArgs:
             global_every=int(c.get("global_attn_every_n_layers") or 1),
             local_window=int(c.get("local_attention") or 0),
             global_base=global_base,
-            local_base=float(c.get("local_rope_theta") or global_base),
+            local_base=local_base,
+            layer_types=tuple(str(t) for t in c.get("layer_types") or ()),
         )
 
     def is_global(self, layer: int) -> bool:
-        return self.local_window <= 0 or layer % self.global_every == 0
+        """layer_types when config.json lists them, else every global_every-th layer from 0."""
+        if self.local_window <= 0:
+            return True
+        if self.layer_types:
+            return self.layer_types[layer] != "sliding_attention"
+        return layer % self.global_every == 0
 
 
 class _Embeddings(nn.Module):

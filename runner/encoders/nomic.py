@@ -1,7 +1,8 @@
 """nomic-bert (nomic-embed-text): a post-norm BERT with rotary positions and a SwiGLU MLP.
 
 config.json (model_type "nomic_bert") spells its sizes GPT-2 style: n_embd,
-n_layer, n_head, n_inner, n_positions, layer_norm_epsilon. Per layer:
+n_layer, n_head, n_inner, n_positions, layer_norm_epsilon (transformers' own
+port spells them BERT style; both are read). Per layer:
 
     x = norm1(x + out_proj(attention(Wqkv(x))))      rotary on q and k
     x = norm2(x + fc2(fc11(x) * silu(fc12(x))))       SwiGLU
@@ -44,17 +45,18 @@ class NomicArgs:
         hidden = int(c.get("n_embd") or c["hidden_size"])
         heads = int(c.get("n_head") or c["num_attention_heads"])
         fraction = float(c.get("rotary_emb_fraction", 1.0))
+        rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
         return cls(
             vocab_size=int(c["vocab_size"]),
             hidden_size=hidden,
             num_layers=int(c.get("n_layer") or c["num_hidden_layers"]),
             num_heads=heads,
-            intermediate_size=int(c.get("n_inner") or 4 * hidden),
+            intermediate_size=int(c.get("n_inner") or c.get("intermediate_size") or 4 * hidden),
             max_positions=int(c.get("n_positions") or c.get("max_position_embeddings") or 2048),
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            eps=float(c.get("layer_norm_epsilon") or 1e-12),
+            eps=float(c.get("layer_norm_epsilon") or c.get("layer_norm_eps") or 1e-12),
             rotary_dims=int(hidden // heads * fraction),
-            rotary_base=float(c.get("rotary_emb_base") or 10000.0),
+            rotary_base=float(c.get("rotary_emb_base") or rope.get("rope_theta") or 1000.0),
             qkv_bias=bool(c.get("qkv_proj_bias", False)),
             fc1_bias=bool(c.get("mlp_fc1_bias", False)),
             fc2_bias=bool(c.get("mlp_fc2_bias", False)),
@@ -73,8 +75,8 @@ def _refuse_variants(c: dict[str, Any]) -> None:
         why.append("rotary_scaling_factor")
     if c.get("causal"):
         why.append("causal")
-    if (c.get("activation_function") or "swiglu") != "swiglu":
-        why.append(f"activation_function {c.get('activation_function')!r}")
+    if (c.get("activation_function") or "swiglu") != "swiglu" or (c.get("hidden_act") or "silu") != "silu":
+        why.append(f"activation {c.get('activation_function') or c.get('hidden_act')!r}")
     if why:
         raise UnsupportedConfig(f"nomic_bert with {', '.join(why)} is not supported")
 
