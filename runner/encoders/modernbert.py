@@ -45,7 +45,8 @@ class ModernBertArgs:
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> ModernBertArgs:
         # transformers >= 5 saves rope_parameters per layer type instead of the *_rope_theta pair
-        rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+        raw = c.get("rope_parameters")
+        rope: dict[str, Any] = raw if isinstance(raw, dict) else {}
         full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
         global_base = float(full.get("rope_theta") or c.get("global_rope_theta") or 160000.0)
         local_base = float(sliding.get("rope_theta") or c.get("local_rope_theta") or global_base)

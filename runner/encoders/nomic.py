@@ -45,7 +45,8 @@ class NomicArgs:
         hidden = int(c.get("n_embd") or c["hidden_size"])
         heads = int(c.get("n_head") or c["num_attention_heads"])
         fraction = float(c.get("rotary_emb_fraction", 1.0))
-        rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+        raw = c.get("rope_parameters")
+        rope: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return cls(
             vocab_size=int(c["vocab_size"]),
             hidden_size=hidden,
