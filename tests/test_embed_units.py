@@ -183,3 +183,49 @@ def test_hugging_face_bert_names_map_both_ways() -> None:
     }
     assert encoder_to_hf_names({"layers.3.out_norm.weight": 1}) == {  # type: ignore[dict-item]
         "encoder.layer.3.output.LayerNorm.weight": 1}
+
+
+def test_nomic_config_spellings_and_refused_variants() -> None:
+    from corral.runner.encoders import UnsupportedConfig
+    from corral.runner.encoders.nomic import NomicArgs
+
+    gpt2_style = {"vocab_size": 100, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96, "n_positions": 2048,
+                  "layer_norm_epsilon": 1e-12, "rotary_emb_base": 1000, "rotary_emb_fraction": 0.5,
+                  "activation_function": "swiglu", "type_vocab_size": 2}
+    a = NomicArgs.from_config(gpt2_style)
+    assert (a.hidden_size, a.num_layers, a.intermediate_size, a.rotary_dims, a.rotary_base) == (64, 2, 96, 8, 1000.0)
+    bert_style = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 96, "max_position_embeddings": 2048, "layer_norm_eps": 1e-12,
+                  "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    b = NomicArgs.from_config(bert_style)
+    assert (b.hidden_size, b.intermediate_size, b.rotary_dims, b.rotary_base) == (64, 96, 16, 500.0)
+    for variant in ({"prenorm": True}, {"rotary_emb_interleaved": True}, {"rotary_scaling_factor": 2.0},
+                    {"activation_function": "gelu"}, {"use_rms_norm": True}):
+        with pytest.raises(UnsupportedConfig):
+            NomicArgs.from_config({**gpt2_style, **variant})
+
+
+def test_modernbert_layer_kinds_and_local_mask() -> None:
+    import mlx.core as mx
+    from corral.runner.encoders.modernbert import ModernBert, ModernBertArgs
+
+    base = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "intermediate_size": 24, "global_attn_every_n_layers": 3, "local_attention": 4,
+            "global_rope_theta": 160000.0, "local_rope_theta": 10000.0}
+    a = ModernBertArgs.from_config(base)
+    assert [a.is_global(i) for i in range(4)] == [True, False, False, True]
+    assert (a.global_base, a.local_base) == (160000.0, 10000.0)
+    v5 = ModernBertArgs.from_config({**base, "layer_types": ["full_attention", "sliding_attention"] * 2,
+                                     "rope_parameters": {"full_attention": {"rope_theta": 8.0},
+                                                         "sliding_attention": {"rope_theta": 2.0}}})
+    assert [v5.is_global(i) for i in range(4)] == [True, False, True, False] and (v5.global_base, v5.local_base) == (8.0, 2.0)
+
+    model = ModernBert(a)
+    valid = mx.array([[True] * 3 + [False] * 5])
+    seen = (model.local_mask(valid, mx.float32) == 0)[0, 0].tolist()
+    # a real query sees real keys within local_attention / 2 = 2 positions
+    assert seen[0][:3] == [True, True, True] and seen[2][:3] == [True, True, True]
+    assert [row[:3] for row in seen[3:]][:2] == [[False, True, True], [False, False, True]]
+    # padded keys are never seen by other queries; a padded query far away sees only itself
+    assert not any(seen[q][k] for q in range(8) for k in range(3, 8) if q != k)
+    assert seen[7] == [False] * 7 + [True]
