@@ -6,9 +6,10 @@ the num_ctx stored by /api/create) and send the inputs to the
 runner's /embed route in one request, where they are batched together with
 other requests' inputs. The runner answers with each vector's float32 bytes
 in base64: no float text is formatted or parsed on that hop, and OpenAI's
-base64 encoding_format passes those strings through untouched. Vectors come back L2-normalized (Ollama's /api/embed
-behaviour), on every route; `dimensions` cuts them to the first N components
-and normalizes again.
+base64 encoding_format passes those strings through untouched. Vectors come
+back L2-normalized (Ollama's /api/embed behaviour), on every route, the
+legacy /api/embeddings included; `dimensions` cuts them to the first N
+components and normalizes again.
 
 Only embedding models (Manifest.kind) are accepted: a chat model is a 400
 before anything is loaded, as are generate and chat on an embedding model
@@ -194,7 +195,7 @@ async def api_embeddings(request: Request) -> Response:
         raise BadRequest("'prompt' must be a string", param="prompt")
     out = await embed_inputs(ctx, model, [prompt] if prompt else [], keep_alive=keep_alive_field(body),
                              num_ctx=_num_ctx(body))
-    return JSONResponse({"embedding": out.embeddings[0] if out.embeddings else []})
+    return JSONResponse({"embedding": _floats(out.encoded[0]) if out.encoded else []})
 
 
 async def v1_embeddings(request: Request) -> Response:
