@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from corral.runner.encoders import activation, key_mask, rotary_attention
+from corral.runner.encoders.common import activation, key_mask, rotary_attention
 
 
 @dataclass(frozen=True)
