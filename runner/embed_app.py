@@ -20,6 +20,8 @@ from starlette.routing import Route
 MAX_INPUTS = 4096
 """Inputs one request may carry (more is a 400: split the request)."""
 
+ENCODINGS = ("float", "base64")
+
 
 class EmbedRunnerApp(RunnerApp):
     kind = "embedding"
@@ -44,11 +46,15 @@ class EmbedRunnerApp(RunnerApp):
             if not isinstance(truncate, bool):
                 raise BadInput("'truncate' must be a boolean")
             dimensions = self._dimensions(body.get("dimensions"))
+            encoding = body.get("encoding", "float")
+            if encoding not in ENCODINGS:
+                raise BadInput(f"'encoding' must be one of {', '.join(ENCODINGS)}")
             inputs = self._token_lists(body.get("input"), truncate)
         except (BadInput, TooLong) as e:
             return error(400, str(e))
         loop = asyncio.get_running_loop()
-        job = EmbedJob(inputs=inputs, dimensions=dimensions, loop=loop, future=loop.create_future())
+        job = EmbedJob(inputs=inputs, dimensions=dimensions, loop=loop, future=loop.create_future(),
+                       encoding=encoding)
         self.streams += 1
         try:
             if inputs:
@@ -62,6 +68,7 @@ class EmbedRunnerApp(RunnerApp):
             self.streams -= 1
         return JSONResponse({
             "embeddings": vectors,
+            "encoding": encoding,
             "prompt_eval_count": sum(len(ids) for ids in inputs),
             "total_duration": int((time.perf_counter() - started) * 1e9),
         })

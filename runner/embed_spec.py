@@ -27,8 +27,8 @@ from typing import Any
 KIND_COMPLETION = "completion"
 KIND_EMBEDDING = "embedding"
 
-ENCODER_MODEL_TYPES: frozenset[str] = frozenset({"bert", "roberta", "xlm-roberta"})
-"""config.json model_type values the runner's own encoder code loads (runner/embedding.py)."""
+ENCODER_MODEL_TYPES: frozenset[str] = frozenset({"bert", "roberta", "xlm-roberta", "nomic_bert", "modernbert"})
+"""config.json model_type values the runner's own encoder code loads (runner/embedding.py, runner/encoders)."""
 
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
 

@@ -2,11 +2,12 @@
 
 Two families:
 
-- Encoder-only models (BERT, RoBERTa / XLM-RoBERTa: bge, e5, all-MiniLM, ...)
-  run on the small MLX module below, written for this runner: mlx-embeddings
-  covers them too, but it imports mlx-vlm at load time, which pulls in
-  datasets, opencv, mlx-audio and fastapi (hundreds of MB) for nothing a text
-  embedding needs.
+- Encoder-only models run on small MLX modules written for this runner:
+  BERT, RoBERTa / XLM-RoBERTa (bge, e5, all-MiniLM, ...) below; nomic-bert
+  (nomic-embed-text) and ModernBERT in runner/encoders. mlx-embeddings covers
+  some of them too, but not nomic-bert, and it imports mlx-vlm at load time,
+  which pulls in datasets, opencv, mlx-audio and fastapi (hundreds of MB) for
+  nothing a text embedding needs.
 - Decoder models (Qwen3-Embedding and any other mlx_lm architecture shipped
   with sentence-transformers files) run on mlx_lm's own model code: the
   backbone's final hidden states (`model.model(ids)`), then the pooling the
@@ -26,6 +27,7 @@ EMBED_BATCH_TOKENS padded tokens.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -39,6 +41,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from corral.runner import encoders
 from corral.runner.embed_spec import EMBED_BATCH_TOKENS, EMBED_MAX_BATCH, EmbedSpec
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
@@ -137,6 +141,8 @@ class Encoder(nn.Module):
     def __init__(self, args: EncoderArgs) -> None:
         super().__init__()
         self.args = args
+        self.hidden_size = args.hidden_size
+        self.max_tokens = args.max_tokens
         self.embeddings = _Embeddings(args)
         self.layers = [_Layer(args) for _ in range(args.num_hidden_layers)]
 
@@ -198,7 +204,10 @@ def encoder_to_hf_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def load_encoder(model_dir: Path, config: dict[str, Any]) -> Encoder:
+def load_encoder(model_dir: Path, config: dict[str, Any]) -> encoders.Encoder:
+    """The encoder for config.json's model_type: BERT/RoBERTa here, rotary families in runner/encoders."""
+    if config.get("model_type") in encoders.FAMILIES:
+        return encoders.load(model_dir, config)
     model = Encoder(EncoderArgs.from_config(config))
     weights: dict[str, mx.array] = {}
     for path in sorted(model_dir.glob("model*.safetensors")):
@@ -250,8 +259,8 @@ class EmbeddingModel:
         if spec.encoder:
             encoder = load_encoder(model_dir, config)
             self._forward = lambda ids, valid: encoder(ids, valid)
-            self.dimensions = encoder.args.hidden_size
-            model_max = encoder.args.max_tokens
+            self.dimensions = encoder.hidden_size
+            model_max = encoder.max_tokens
         else:
             from mlx_lm.utils import load_model
 
@@ -289,18 +298,32 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
 
 @dataclass
 class EmbedJob:
-    """One /embed request: token lists in, vectors out (through `future`)."""
+    """One /embed request: token lists in, vectors out (through `future`).
+
+    encoding "float": each vector a list of floats; "base64": each vector the
+    base64 of its float32 little-endian bytes (what the supervisor asks for:
+    no float formatting or parsing on either side of the hop).
+    """
 
     inputs: list[list[int]]
     dimensions: int | None
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[list[list[float]]]
-    results: list[list[float] | None] = field(default_factory=list)
+    future: asyncio.Future[list[Any]]
+    encoding: str = "float"
+    results: list[np.ndarray | None] = field(default_factory=list)
     pending: int = 0
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.inputs)
         self.pending = len(self.inputs)
+
+    def vectors(self) -> list[Any]:
+        """The finished vectors, cut to `dimensions` and encoded (on the engine thread, off the event loop)."""
+        rows = _cut(np.stack([r for r in self.results if r is not None]), self.dimensions)
+        if self.encoding == "base64":
+            little = rows.astype("<f4", copy=False)
+            return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+        return rows.tolist()  # type: ignore[no-any-return]
 
 
 class EmbedEngine:
@@ -375,14 +398,13 @@ class EmbedEngine:
         items = sorted(((len(ids), j, i) for j, job in enumerate(jobs) for i, ids in enumerate(job.inputs)),
                        key=lambda t: t[0])
         for batch in _batches(items):
-            vectors = self.model.embed_batch([jobs[j].inputs[i] for _, j, i in batch])
-            rows: list[list[float]] = vectors.tolist()  # type: ignore[assignment]
-            for (_, j, i), row in zip(batch, rows, strict=True):
+            vectors = np.array(self.model.embed_batch([jobs[j].inputs[i] for _, j, i in batch]), dtype=np.float32)
+            for (_, j, i), row in zip(batch, vectors, strict=True):
                 job = jobs[j]
-                job.results[i] = _cut(row, job.dimensions)
+                job.results[i] = row
                 job.pending -= 1
                 if job.pending == 0:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, job.results)
+                    job.loop.call_soon_threadsafe(_resolve, job.future, job.vectors())
 
 
 def _batches(items: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
@@ -400,21 +422,21 @@ def _batches(items: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
     return out
 
 
-def _cut(row: list[float], dimensions: int | None) -> list[float]:
-    """Keep the first `dimensions` components of a unit vector and normalize again."""
-    if dimensions is None or dimensions >= len(row):
-        return row
-    head = row[:dimensions]
-    norm = math.sqrt(sum(x * x for x in head)) or 1.0
-    return [x / norm for x in head]
+def _cut(rows: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Keep the first `dimensions` components of unit vectors (rows) and normalize again."""
+    if dimensions is None or dimensions >= rows.shape[1]:
+        return rows
+    head = rows[:, :dimensions]
+    norm = np.linalg.norm(head, axis=1, keepdims=True)
+    return (head / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def _resolve(future: asyncio.Future[list[list[float]]], results: list[Any]) -> None:
+def _resolve(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
     if not future.done():
         future.set_result(results)
 
 
-def _fail(future: asyncio.Future[list[list[float]]], message: str) -> None:
+def _fail(future: asyncio.Future[list[Any]], message: str) -> None:
     if not future.done():
         future.set_exception(RuntimeError(message))
 

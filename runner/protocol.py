@@ -45,8 +45,11 @@ ROUTE_COMPLETION = "/completion"
 ROUTE_EMBED = "/embed"
 """Embedding runners only (a runner's GET /status says "kind": "embedding").
 
-POST {"input": [text | [token ids]], "truncate": true, "dimensions": N | null}
--> 200 {"embeddings": [[float]], "prompt_eval_count": tokens, "total_duration": ns}.
+POST {"input": [text | [token ids]], "truncate": true, "dimensions": N | null,
+      "encoding": "float" | "base64"}
+-> 200 {"embeddings": [[float]] | [base64], "encoding": ..., "prompt_eval_count": tokens,
+        "total_duration": ns}; base64: each vector's float32 little-endian bytes (the
+supervisor asks for it: no float text to format and parse on the hop).
 Texts get the model's special tokens (and its default prompt prefix); token
 id lists are used as given. An input over the context length is cut when
 truncate is true, else a 400. Vectors are L2-normalized; `dimensions` keeps

@@ -85,7 +85,7 @@ def rate(run: Callable[[list[str]], object], batch: int, seconds: float) -> floa
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["bert", "roberta", "qwen3"], default="bert")
+    p.add_argument("--family", choices=["bert", "roberta", "nomic", "modernbert", "qwen3"], default="bert")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--seconds", type=float, default=3.0)

@@ -5,11 +5,20 @@ Families (--family):
           [CLS] ... [SEP], Hugging Face BERT tensor names, CLS or mean pooling.
   roberta XLM-RoBERTa-style encoder: byte-level BPE with <s> ... </s>, positions
           offset by padding_idx + 1, one token type.
+  nomic   nomic-embed-text shape (model_type nomic_bert): rotary positions, SwiGLU,
+          fused Wqkv, no biases; WordPiece tokenizer with [CLS] ... [SEP];
+          nomic's prompts (search_query: / search_document:), mean pooling.
+  modernbert ModernBERT: rotary, GeGLU, global attention every 3rd layer and a
+          --local-attention window in the others, pre-norm, no biases; byte-level
+          BPE with [CLS] ... [SEP]; nomic's prompts, mean pooling.
   qwen3   Qwen3-Embedding shape: mlx_lm's qwen3 decoder, a tokenizer that appends
           <|endoftext|>, last-token pooling.
 
 Every model gets modules.json, 1_Pooling/config.json, sentence_bert_config.json
-and (with --prefix) config_sentence_transformers.json with a default prompt.
+and config_sentence_transformers.json when it has prompts: --prefix makes a
+default prompt ("query"); nomic and modernbert get nomic's query/document
+prompts, with --default-prompt naming the one put before every input (none
+by default, as nomic ships them).
 Deterministic for a given seed; float32.
 
 Usage:
@@ -30,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_test_model import CORPUS, write_hf_cache_entry
 
-DEFAULT_POOLING = {"bert": "cls", "roberta": "mean", "qwen3": "lasttoken"}
+DEFAULT_POOLING = {"bert": "cls", "roberta": "mean", "qwen3": "lasttoken", "nomic": "mean", "modernbert": "mean"}
+DEFAULT_LAYERS = {"modernbert": 4}  # layers 0 and 3 global, 1 and 2 local
+NOMIC_PROMPTS = {"query": "search_query: ", "document": "search_document: "}
 
 
 def wordpiece_tokenizer(vocab_size: int) -> Any:
@@ -109,6 +120,64 @@ def qwen3_config(args: argparse.Namespace, vocab: int, eos: int) -> dict[str, An
     }
 
 
+def nomic_config(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    return {
+        "model_type": "nomic_bert",
+        "architectures": ["NomicBertModel"],
+        "auto_map": {"AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+                     "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel"},
+        "vocab_size": vocab,
+        "n_embd": args.hidden,
+        "n_layer": args.layers,
+        "n_head": args.heads,
+        "n_inner": args.hidden * 3,
+        "n_positions": args.max_context,
+        "layer_norm_epsilon": 1e-12,
+        "activation_function": "swiglu",
+        "rotary_emb_fraction": 1.0,
+        "rotary_emb_base": 1000,
+        "rotary_emb_interleaved": False,
+        "rotary_scaling_factor": None,
+        "qkv_proj_bias": False,
+        "mlp_fc1_bias": False,
+        "mlp_fc2_bias": False,
+        "prenorm": False,
+        "causal": False,
+        "use_rms_norm": False,
+        "type_vocab_size": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }
+
+
+def modernbert_config(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
+    ids = {name: tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
+    return {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertModel"],
+        "vocab_size": tok.get_vocab_size(),
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "intermediate_size": args.hidden * 3 // 2,
+        "max_position_embeddings": args.max_context,
+        "norm_eps": 1e-5,
+        "norm_bias": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_activation": "gelu",
+        "global_attn_every_n_layers": 3,
+        "local_attention": args.local_attention,
+        "global_rope_theta": 160000.0,
+        "local_rope_theta": 10000.0,
+        "classifier_pooling": "mean",
+        **{f"{name}_token_id": i for name, i in ids.items()},
+        "bos_token_id": ids["cls"],
+        "eos_token_id": ids["sep"],
+        "torch_dtype": "float32",
+    }
+
+
 def random_weights(model: Any, seed: int) -> dict[str, Any]:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
@@ -143,12 +212,28 @@ def write_qwen3(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return config, (tok, random_weights(model, args.seed))
 
 
+def write_rotary_encoder(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """nomic or modernbert: the runner's modules carry the checkpoints' own tensor names."""
+    from corral.runner import encoders
+
+    if args.family == "nomic":
+        tok = wordpiece_tokenizer(args.vocab)
+        config = nomic_config(args, tok.get_vocab_size())
+    else:
+        specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+        tok = bpe_tokenizer(args.vocab, specials, "[CLS] $A [SEP]", ["[CLS]", "[SEP]"])
+        config = modernbert_config(args, tok)
+    return config, (tok, random_weights(encoders.build(config), args.seed))
+
+
 def write_model(args: argparse.Namespace, out: Path) -> Path:
     import mlx.core as mx
 
     out.mkdir(parents=True, exist_ok=True)
     if args.family == "qwen3":
         config, (tok, weights) = write_qwen3(args)
+    elif args.family in ("nomic", "modernbert"):
+        config, (tok, weights) = write_rotary_encoder(args)
     else:
         config, (tok, weights) = write_encoder(args, out, roberta=args.family == "roberta")
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
@@ -181,9 +266,14 @@ def _sentence_transformers_files(args: argparse.Namespace, out: Path) -> None:
     }, indent=2))
     (out / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": args.max_seq_length or args.max_context, "do_lower_case": False}))
+    prompts = dict(NOMIC_PROMPTS) if args.family in ("nomic", "modernbert") else {}
+    default = args.default_prompt
     if args.prefix:
+        prompts = {"query": args.prefix, "document": ""}
+        default = "query"
+    if prompts:
         (out / "config_sentence_transformers.json").write_text(json.dumps(
-            {"prompts": {"query": args.prefix, "document": ""}, "default_prompt_name": "query"}, indent=2))
+            {"prompts": prompts, "default_prompt_name": default}, indent=2))
 
 
 def write_hf_tree(src: Path, cache: Path, repo: str) -> Path:
@@ -209,14 +299,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", choices=sorted(DEFAULT_POOLING), default="bert")
     p.add_argument("--pooling", choices=["cls", "mean", "max", "lasttoken"], default=None)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=None, help="default 2 (modernbert: 4)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=600)
     p.add_argument("--max-context", type=int, default=512, help="position embeddings")
     p.add_argument("--max-seq-length", type=int, default=0, help="sentence_bert_config max_seq_length")
     p.add_argument("--prefix", default="", help="default prompt put before each text")
+    p.add_argument("--default-prompt", default=None, help="nomic/modernbert: the prompt name used by default")
+    p.add_argument("--local-attention", type=int, default=16, help="modernbert: local attention window")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.layers is None:
+        args.layers = DEFAULT_LAYERS.get(args.family, 2)
     if not args.out and not args.hf_cache:
         p.error("give OUT_DIR or --hf-cache")
     if args.hf_cache and not args.repo:

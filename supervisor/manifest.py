@@ -27,7 +27,7 @@ DEFAULT_CONTEXT = DEFAULT_NUM_CTX
 DEFAULT_KV_DTYPE_BYTES = 4  # float32: the largest activation dtype we expect
 
 # Ollama's details.family for model types it files under another name.
-_FAMILY = {"mistral": "llama", "mixtral": "llama"}
+_FAMILY = {"mistral": "llama", "mixtral": "llama", "nomic_bert": "nomic-bert"}
 
 
 class ManifestError(ValueError):

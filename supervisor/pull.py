@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -49,6 +50,9 @@ MLX_FILE_PATTERNS = (
     "*.safetensors", "*.json", "*.jinja", "*.txt", "*.tiktoken", "tokenizer.model",
     "LICENSE*", "README.md",
 )
+ST_MODULE_SETTINGS = re.compile(r"^\d+_[A-Za-z]+/[^/]+\.json$")
+"""A sentence-transformers module's settings in its folder (1_Pooling/config.json): embedding
+models say how they pool there."""
 POLL_SECONDS = 0.2
 
 
@@ -198,6 +202,7 @@ def select_files(repo: str, files: list[RepoFile]) -> list[RepoFile]:
     if "config.json" not in names:
         raise PullFailed(f"'{repo}' is not an MLX language model: it has no config.json", status=400)
     wanted = [f for f in top if any(fnmatch.fnmatch(f.name, p) for p in MLX_FILE_PATTERNS)]
+    wanted += [f for f in files if ST_MODULE_SETTINGS.match(f.name)]
     return sorted(wanted, key=lambda f: (f.name.endswith(".safetensors"), f.name))
 
 

@@ -2,8 +2,9 @@
 
 One server for the module over a hub cache with one tiny model per supported
 family (BERT with CLS pooling and a default prompt, XLM-RoBERTa with mean
-pooling, Qwen3 with last-token pooling), a BERT with a short max_seq_length
-for truncation, and a chat model. Vectors are checked against in-process
+pooling, nomic-bert with nomic's search_query: prompt as default, ModernBERT
+with global and sliding-window layers, Qwen3 with last-token pooling), a BERT
+and a ModernBERT with a short max_seq_length for truncation, and a chat model. Vectors are checked against in-process
 references that share no code with the runner (tests/support/embed_reference.py).
 """
 
@@ -32,12 +33,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 BERT = "corral-test/emb-bert"
 ROBERTA = "corral-test/emb-roberta"
 QWEN3 = "corral-test/emb-qwen3"
+NOMIC = "corral-test/emb-nomic"
+MODERNBERT = "corral-test/emb-modernbert"
 SHORT = "corral-test/emb-short"
+MODERNBERT_SHORT = "corral-test/emb-modernbert-short"
 FAMILIES = {
     BERT: ("--family", "bert", "--pooling", "cls", "--prefix", "query: "),
     ROBERTA: ("--family", "roberta"),
     QWEN3: ("--family", "qwen3", "--seed", "3"),
+    NOMIC: ("--family", "nomic", "--default-prompt", "query", "--seed", "7"),
+    MODERNBERT: ("--family", "modernbert", "--seed", "9"),
     SHORT: ("--family", "bert", "--pooling", "mean", "--max-seq-length", "16", "--seed", "5"),
+    MODERNBERT_SHORT: ("--family", "modernbert", "--pooling", "cls", "--max-seq-length", "24", "--seed", "11"),
 }
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "model",
          "server", "keeps", "models", "in", "memory", "and", "answers", "requests", "for", "them", "café", "東京"]
@@ -81,7 +88,7 @@ def embed(server: ServerProcess, model: str, inputs: Any, **extra: Any) -> httpx
     return httpx.post(server.url + "/api/embed", json={"model": model, "input": inputs, **extra}, timeout=120)
 
 
-@pytest.mark.parametrize("model", [BERT, ROBERTA, QWEN3])
+@pytest.mark.parametrize("model", [BERT, ROBERTA, QWEN3, NOMIC, MODERNBERT])
 def test_single_and_batch_of_64_equal_the_reference(server: ServerProcess, refs: dict[str, Reference],
                                                     model: str) -> None:
     ref = refs[model]
@@ -117,30 +124,33 @@ def test_concurrent_requests_share_the_runner_and_match_single_runs(server: Serv
         assert cosine(together[i], singles[i]) >= 0.9999
 
 
-def test_truncation(server: ServerProcess, refs: dict[str, Reference]) -> None:
+@pytest.mark.parametrize("model, limit", [(SHORT, 16), (MODERNBERT_SHORT, 24)])
+def test_truncation(server: ServerProcess, refs: dict[str, Reference], model: str, limit: int) -> None:
     long = " ".join(WORDS * 3)
-    ref = refs[SHORT]
-    assert len(ref.tokens(long)) == 16  # the reference tokenizer truncates to max_seq_length
-    r = embed(server, SHORT, [long, "short one"])
+    ref = refs[model]
+    assert len(ref.tokens(long)) == limit  # the reference tokenizer truncates to max_seq_length
+    r = embed(server, model, [long, "short one"])
     assert r.status_code == 200, r.text
     body = r.json()
     assert cosine(body["embeddings"][0], ref.embed(long)) >= 0.9999
-    assert body["prompt_eval_count"] == 16 + len(ref.tokens("short one"))
-    r = embed(server, SHORT, [long], truncate=False)
+    assert cosine(body["embeddings"][1], ref.embed("short one")) >= 0.9999
+    assert body["prompt_eval_count"] == limit + len(ref.tokens("short one"))
+    r = embed(server, model, [long], truncate=False)
     assert r.status_code == 400
     assert "context length" in r.json()["error"]
 
 
-def test_dimensions(server: ServerProcess, refs: dict[str, Reference]) -> None:
-    full = refs[BERT].embed("dimensions please")
-    r = embed(server, BERT, "dimensions please", dimensions=16)
+@pytest.mark.parametrize("model", [BERT, NOMIC, MODERNBERT])
+def test_dimensions(server: ServerProcess, refs: dict[str, Reference], model: str) -> None:
+    full = refs[model].embed("dimensions please")
+    r = embed(server, model, "dimensions please", dimensions=16)
     assert r.status_code == 200, r.text
     vec = r.json()["embeddings"][0]
     assert len(vec) == 16
     want = full[:16] / np.linalg.norm(full[:16])
     assert cosine(vec, want) >= 0.9999 and abs(np.linalg.norm(vec) - 1.0) < 1e-5
     for bad in (0, 65, "8"):
-        assert embed(server, BERT, "x", dimensions=bad).status_code == 400
+        assert embed(server, model, "x", dimensions=bad).status_code == 400
 
 
 def test_legacy_embeddings_route(server: ServerProcess, refs: dict[str, Reference]) -> None:
@@ -201,6 +211,8 @@ def test_show_tags_and_wrong_kind_errors(server: ServerProcess) -> None:
     show = httpx.post(server.url + "/api/show", json={"model": BERT}, timeout=30).json()
     assert show["capabilities"] == ["embedding"]
     assert show["details"]["family"] == "bert"
+    nomic = httpx.post(server.url + "/api/show", json={"model": NOMIC}, timeout=30).json()
+    assert nomic["capabilities"] == ["embedding"] and nomic["details"]["family"] == "nomic-bert"
     chat_show = httpx.post(server.url + "/api/show", json={"model": TINY}, timeout=30).json()
     assert "embedding" not in chat_show["capabilities"]
     names = {m["name"] for m in httpx.get(server.url + "/api/tags", timeout=30).json()["models"]}

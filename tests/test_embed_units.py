@@ -16,8 +16,8 @@ from corral.runner.embed_spec import (
     EmbedSpecError,
     embedding_spec,
 )
-from corral.supervisor.api.embed import _b64, _openai_input
-from corral.supervisor.errors import BadRequest
+from corral.supervisor.api.embed import _floats, _openai_input
+from corral.supervisor.errors import BadRequest, RunnerFailed
 from corral.supervisor.manifest import read_manifest
 from corral.supervisor.memory import estimate_need
 from corral.supervisor.store import ModelStore
@@ -103,12 +103,39 @@ def test_batches_respect_size_and_token_limits() -> None:
 
 
 def test_cut_renormalizes() -> None:
+    import numpy as np
     from corral.runner.embedding import _cut
 
-    v = [0.6, 0.8, 0.0]
-    assert _cut(v, None) == v
-    assert _cut(v, 1) == [1.0]
-    assert math.isclose(sum(x * x for x in _cut([0.5, 0.5, 0.5, 0.5], 3)), 1.0)
+    v = np.array([[0.6, 0.8, 0.0], [0.5, 0.5, 0.5]], dtype=np.float32)
+    assert _cut(v, None) is v
+    assert _cut(v, 1).tolist() == [[1.0], [1.0]]
+    three = _cut(np.full((1, 4), 0.5, dtype=np.float32), 3)
+    assert three.shape == (1, 3) and math.isclose(float((three**2).sum()), 1.0, rel_tol=1e-6)
+
+
+def test_job_encodes_floats_or_float32_base64() -> None:
+    import asyncio
+    import base64
+    import struct
+
+    import numpy as np
+    from corral.runner.embedding import EmbedJob
+
+    loop = asyncio.new_event_loop()
+    try:
+        def job(encoding: str, dimensions: int | None) -> EmbedJob:
+            j = EmbedJob(inputs=[[1], [2]], dimensions=dimensions, loop=loop, future=loop.create_future(),
+                         encoding=encoding)
+            j.results = [np.array([0.6, 0.8, 0.0], dtype=np.float32), np.array([0.0, 0.0, 1.0], dtype=np.float32)]
+            return j
+
+        floats = job("float", None).vectors()
+        assert np.allclose(floats, [[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+        encoded = job("base64", 2).vectors()
+        assert struct.unpack("<2f", base64.b64decode(encoded[0])) == pytest.approx((0.6, 0.8))
+        assert _floats(encoded[0]) == pytest.approx([0.6, 0.8])
+    finally:
+        loop.close()
 
 
 def test_openai_input_shapes() -> None:
@@ -125,8 +152,10 @@ def test_base64_is_float32_little_endian() -> None:
     import base64
     import struct
 
-    raw = base64.b64decode(_b64([1.0, -0.5]))
-    assert struct.unpack("<2f", raw) == (1.0, -0.5)
+    assert _floats(base64.b64encode(struct.pack("<2f", 1.0, -0.5)).decode()) == [1.0, -0.5]
+    for bad in ("not base64!", base64.b64encode(b"12345").decode()):
+        with pytest.raises(RunnerFailed):
+            _floats(bad)
 
 
 def test_hugging_face_bert_names_map_both_ways() -> None:
@@ -154,3 +183,49 @@ def test_hugging_face_bert_names_map_both_ways() -> None:
     }
     assert encoder_to_hf_names({"layers.3.out_norm.weight": 1}) == {  # type: ignore[dict-item]
         "encoder.layer.3.output.LayerNorm.weight": 1}
+
+
+def test_nomic_config_spellings_and_refused_variants() -> None:
+    from corral.runner.encoders import UnsupportedConfig
+    from corral.runner.encoders.nomic import NomicArgs
+
+    gpt2_style = {"vocab_size": 100, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96, "n_positions": 2048,
+                  "layer_norm_epsilon": 1e-12, "rotary_emb_base": 1000, "rotary_emb_fraction": 0.5,
+                  "activation_function": "swiglu", "type_vocab_size": 2}
+    a = NomicArgs.from_config(gpt2_style)
+    assert (a.hidden_size, a.num_layers, a.intermediate_size, a.rotary_dims, a.rotary_base) == (64, 2, 96, 8, 1000.0)
+    bert_style = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 96, "max_position_embeddings": 2048, "layer_norm_eps": 1e-12,
+                  "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    b = NomicArgs.from_config(bert_style)
+    assert (b.hidden_size, b.intermediate_size, b.rotary_dims, b.rotary_base) == (64, 96, 16, 500.0)
+    for variant in ({"prenorm": True}, {"rotary_emb_interleaved": True}, {"rotary_scaling_factor": 2.0},
+                    {"activation_function": "gelu"}, {"use_rms_norm": True}):
+        with pytest.raises(UnsupportedConfig):
+            NomicArgs.from_config({**gpt2_style, **variant})
+
+
+def test_modernbert_layer_kinds_and_local_mask() -> None:
+    import mlx.core as mx
+    from corral.runner.encoders.modernbert import ModernBert, ModernBertArgs
+
+    base = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "intermediate_size": 24, "global_attn_every_n_layers": 3, "local_attention": 4,
+            "global_rope_theta": 160000.0, "local_rope_theta": 10000.0}
+    a = ModernBertArgs.from_config(base)
+    assert [a.is_global(i) for i in range(4)] == [True, False, False, True]
+    assert (a.global_base, a.local_base) == (160000.0, 10000.0)
+    v5 = ModernBertArgs.from_config({**base, "layer_types": ["full_attention", "sliding_attention"] * 2,
+                                     "rope_parameters": {"full_attention": {"rope_theta": 8.0},
+                                                         "sliding_attention": {"rope_theta": 2.0}}})
+    assert [v5.is_global(i) for i in range(4)] == [True, False, True, False] and (v5.global_base, v5.local_base) == (8.0, 2.0)
+
+    model = ModernBert(a)
+    valid = mx.array([[True] * 3 + [False] * 5])
+    seen = (model.local_mask(valid, mx.float32) == 0)[0, 0].tolist()
+    # a real query sees real keys within local_attention / 2 = 2 positions
+    assert seen[0][:3] == [True, True, True] and seen[2][:3] == [True, True, True]
+    assert [row[:3] for row in seen[3:]][:2] == [[False, True, True], [False, False, True]]
+    # padded keys are never seen by other queries; a padded query far away sees only itself
+    assert not any(seen[q][k] for q in range(8) for k in range(3, 8) if q != k)
+    assert seen[7] == [False] * 7 + [True]

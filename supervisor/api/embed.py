@@ -1,11 +1,15 @@
 """Embeddings: Ollama's /api/embed and /api/embeddings, OpenAI's /v1/embeddings.
 
 All three lease the model from the scheduler like generation does (same
-loading, fitting, eviction and keep_alive) and send the inputs to the
+pull-on-demand of a missing model, loading, fitting, eviction, keep_alive and
+the num_ctx stored by /api/create) and send the inputs to the
 runner's /embed route in one request, where they are batched together with
-other requests' inputs. Vectors come back L2-normalized (Ollama's /api/embed
-behaviour), on every route; `dimensions` cuts them to the first N components
-and normalizes again.
+other requests' inputs. The runner answers with each vector's float32 bytes
+in base64: no float text is formatted or parsed on that hop, and OpenAI's
+base64 encoding_format passes those strings through untouched. Vectors come
+back L2-normalized (Ollama's /api/embed behaviour), on every route, the
+legacy /api/embeddings included; `dimensions` cuts them to the first N
+components and normalizes again.
 
 Only embedding models (Manifest.kind) are accepted: a chat model is a 400
 before anything is loaded, as are generate and chat on an embedding model
@@ -14,17 +18,20 @@ before anything is loaded, as are generate and chat on an embedding model
 
 from __future__ import annotations
 
+import array
 import base64
-import struct
+import binascii
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from corral.runner.embed_spec import KIND_EMBEDDING
+from corral.supervisor.api import completion
 from corral.supervisor.api.context import AppContext
 from corral.supervisor.api.fields import bool_field, keep_alive_field, model_field, read_json
-from corral.supervisor.errors import BadRequest
+from corral.supervisor.errors import BadRequest, RunnerFailed
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -34,9 +41,27 @@ MAX_NUM_CTX = 10_000_000
 
 @dataclass(frozen=True)
 class Embedded:
-    embeddings: list[list[float]]
+    encoded: list[str]  # each vector as the runner sends it: base64 of its float32 little-endian bytes
     prompt_eval_count: int
     load_duration: float  # seconds this request waited for the model to load
+
+    @property
+    def embeddings(self) -> list[list[float]]:
+        return [_floats(v) for v in self.encoded]
+
+
+def _floats(encoded: str) -> list[float]:
+    """A vector from the base64 of its float32 little-endian bytes (OpenAI's base64 format too)."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RunnerFailed("runner sent a vector that is not base64") from None
+    if len(raw) % 4:
+        raise RunnerFailed("runner sent a vector whose bytes are not float32s")
+    values = array.array("f", raw)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
 
 
 def not_embedding_message(model: str) -> str:
@@ -50,21 +75,26 @@ async def embed_inputs(ctx: AppContext, model: str, inputs: list[Any], *, trunca
 
     inputs: strings or token id lists. An empty list only loads the model.
     """
-    ref = await ctx.scheduler.resolve(model)
+    ref = await completion.resolve(ctx, model)  # pulls a missing model, as generation does
     # A loaded model's manifest is at hand; reading it again would cost a thread hop per request.
     manifest = next((m.manifest for m in ctx.scheduler.loaded() if m.name == ref.name), None)
     if manifest is None:
         manifest = await anyio.to_thread.run_sync(ctx.store.manifest, ref)
     if manifest.kind != KIND_EMBEDDING:
         raise BadRequest(not_embedding_message(model), param="model")
+    if num_ctx is None:
+        num_ctx = completion.stored_num_ctx(ref.defaults)
     async with await ctx.scheduler.acquire(ref, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
         if not inputs:
             return Embedded([], 0, lease.load_duration)
-        body: dict[str, Any] = {"input": inputs, "truncate": truncate}
+        body: dict[str, Any] = {"input": inputs, "truncate": truncate, "encoding": "base64"}
         if dimensions is not None:
             body["dimensions"] = dimensions
         data = await lease.embed(body)
-        return Embedded(data["embeddings"], int(data.get("prompt_eval_count", 0)), lease.load_duration)
+        encoded = data["embeddings"]
+        if len(encoded) != len(inputs) or not all(isinstance(v, str) for v in encoded):
+            raise RunnerFailed("runner sent a malformed /embed answer")
+        return Embedded(encoded, int(data.get("prompt_eval_count", 0)), lease.load_duration)
 
 
 # ---- request fields ------------------------------------------------------
@@ -165,12 +195,7 @@ async def api_embeddings(request: Request) -> Response:
         raise BadRequest("'prompt' must be a string", param="prompt")
     out = await embed_inputs(ctx, model, [prompt] if prompt else [], keep_alive=keep_alive_field(body),
                              num_ctx=_num_ctx(body))
-    return JSONResponse({"embedding": out.embeddings[0] if out.embeddings else []})
-
-
-def _b64(vector: list[float]) -> str:
-    """OpenAI's base64 encoding: the float32 little-endian bytes of the vector."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return JSONResponse({"embedding": _floats(out.encoded[0]) if out.encoded else []})
 
 
 async def v1_embeddings(request: Request) -> Response:
@@ -182,10 +207,9 @@ async def v1_embeddings(request: Request) -> Response:
     if encoding not in ("float", "base64"):
         raise BadRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     out = await embed_inputs(ctx, model, inputs, dimensions=_dimensions(body))
-    data = [
-        {"object": "embedding", "index": i, "embedding": _b64(v) if encoding == "base64" else v}
-        for i, v in enumerate(out.embeddings)
-    ]
+    # base64 is OpenAI's float32 little-endian format too: the runner's strings go out as they came.
+    vectors: list[Any] = out.encoded if encoding == "base64" else out.embeddings
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": out.prompt_eval_count, "total_tokens": out.prompt_eval_count}
     return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})
 

@@ -1,7 +1,9 @@
 """In-process reference embeddings, computed independently of corral's runner code.
 
-- Encoders (BERT, XLM-RoBERTa): Hugging Face's BERT forward pass written out in
-  numpy over the checkpoint's own tensor names, one unpadded input at a time.
+- Encoders (BERT, XLM-RoBERTa, nomic-bert, ModernBERT): each architecture's
+  forward pass as its Hugging Face modeling code defines it, written out in
+  numpy (float64) over the checkpoint's own tensor names, one unpadded input at
+  a time: ModernBERT's local layers as an explicit |i - j| <= window / 2 band.
 - Decoders (Qwen3): mlx_lm's model, `model.model(ids)` on one unpadded input.
 
 Then the pooling named in 1_Pooling/config.json and L2 normalization, as
@@ -31,7 +33,8 @@ class Reference:
         self.prefix = ""
         if st.is_file():
             cfg = json.loads(st.read_text())
-            self.prefix = cfg["prompts"][cfg["default_prompt_name"]]
+            name = cfg.get("default_prompt_name")
+            self.prefix = cfg["prompts"][name] if name else ""
         max_len = json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"]
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=max_len)
@@ -45,7 +48,9 @@ class Reference:
         return self.embed_ids(self.tokens(text))
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
-        hidden = self._decoder_states(ids) if self.config["model_type"] == "qwen3" else self._bert_states(ids)
+        states = {"qwen3": self._decoder_states, "nomic_bert": self._nomic_states,
+                  "modernbert": self._modernbert_states}.get(self.config["model_type"], self._bert_states)
+        hidden = states(ids)
         if self.pooling == "cls":
             v = hidden[0]
         elif self.pooling == "lasttoken":
@@ -96,15 +101,78 @@ class Reference:
             x = _ln(x + _lin(h, w, p + "output.dense"), w, p + "output.LayerNorm", eps)
         return x
 
+    def _nomic_states(self, ids: list[int]) -> np.ndarray:
+        """Post-norm blocks: norm1(x + attn), norm2(x + fc2(fc11(x) * silu(fc12(x))))."""
+        c, w = self.config, self._w()
+        eps, heads = c["layer_norm_epsilon"], c["n_head"]
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0]
+        x = _ln(x, w, "emb_ln", eps)
+        for i in range(c["n_layer"]):
+            p = f"encoder.layers.{i}."
+            a = _rotary_attention(_lin(x, w, p + "attn.Wqkv"), heads, c["rotary_emb_base"], window=None)
+            x = _ln(x + _lin(a, w, p + "attn.out_proj"), w, p + "norm1", eps)
+            gate = _lin(x, w, p + "mlp.fc12")
+            h = _lin(x, w, p + "mlp.fc11") * gate / (1.0 + np.exp(-gate))
+            x = _ln(x + _lin(h, w, p + "mlp.fc2"), w, p + "norm2", eps)
+        return x
+
+    def _modernbert_states(self, ids: list[int]) -> np.ndarray:
+        """Pre-norm blocks, GeGLU (gelu of the first half times the second), a final norm."""
+        c, w = self.config, self._w()
+        eps, heads = c["norm_eps"], c["num_attention_heads"]
+        x = _ln(w["embeddings.tok_embeddings.weight"][ids], w, "embeddings.norm", eps)
+        for i in range(c["num_hidden_layers"]):
+            p = f"layers.{i}."
+            is_global = i % c["global_attn_every_n_layers"] == 0
+            base = c["global_rope_theta"] if is_global else c["local_rope_theta"]
+            h = _ln(x, w, p + "attn_norm", eps) if i > 0 else x
+            a = _rotary_attention(_lin(h, w, p + "attn.Wqkv"), heads, base,
+                                  window=None if is_global else c["local_attention"] // 2)
+            x = x + _lin(a, w, p + "attn.Wo")
+            up = _lin(_ln(x, w, p + "mlp_norm", eps), w, p + "mlp.Wi")
+            half = up.shape[-1] // 2
+            x = x + _lin(_gelu(up[:, :half]) * up[:, half:], w, p + "mlp.Wo")
+        return _ln(x, w, "final_norm", eps)
+
+
+def _rotary_attention(qkv: np.ndarray, heads: int, base: float, window: int | None) -> np.ndarray:
+    """Softmax attention over one unpadded input; window: keys further than that are not seen."""
+    n = qkv.shape[0]
+    d = qkv.shape[1] // 3 // heads
+    q, k, v = (qkv[:, j * heads * d:(j + 1) * heads * d].reshape(n, heads, d).transpose(1, 0, 2) for j in range(3))
+    q, k = _rotate(q, base), _rotate(k, base)
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
+    if window is not None:
+        far = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) > window
+        scores = np.where(far[None], -np.inf, scores)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v).transpose(1, 0, 2).reshape(n, heads * d)
+
+
+def _rotate(x: np.ndarray, base: float) -> np.ndarray:
+    """Rotary embedding, rotate-half form: pairs (i, i + d/2) turn by position * base^(-2i/d)."""
+    n, d = x.shape[1], x.shape[2]
+    angles = np.arange(n)[:, None] * base ** (-np.arange(0, d, 2) / d)[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    first, second = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def _gelu(h: np.ndarray) -> np.ndarray:
+    return 0.5 * h * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
+
 
 def _lin(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
-    return x @ w[name + ".weight"].T + w[name + ".bias"]
+    bias = w.get(name + ".bias")
+    return x @ w[name + ".weight"].T + (0.0 if bias is None else bias)
 
 
 def _ln(x: np.ndarray, w: dict[str, np.ndarray], name: str, eps: float) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
+    bias = w.get(name + ".bias")
+    return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + (0.0 if bias is None else bias)
 
 
 def cosine(a: Any, b: Any) -> float:
