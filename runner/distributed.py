@@ -301,12 +301,22 @@ def init_group() -> Any:
     return group
 
 
-def load_shard(model_dir: Path, mode: str, group: Any) -> tuple[Any, Any]:
+def load_shard(model_dir: Path, mode: str, group: Any) -> tuple[Any, Any, str]:
+    """This rank's shard; the other mode when the model's family supports only that one
+    (every rank decides the same, from the same files). Returns the mode used too."""
     from mlx_lm.utils import sharded_load
 
-    pipeline, tensor = (group, None) if mode == "pipeline" else (None, group)
-    model, tokenizer = sharded_load(str(model_dir), pipeline_group=pipeline, tensor_group=tensor)[:2]
-    return model, tokenizer
+    for attempt in (mode, *(m for m in MODES if m != mode)):
+        pipeline, tensor = (group, None) if attempt == "pipeline" else (None, group)
+        try:
+            model, tokenizer = sharded_load(str(model_dir), pipeline_group=pipeline, tensor_group=tensor)[:2]
+        except ValueError as e:
+            if "does not support" not in str(e):
+                raise
+            log.info("%s parallel: %s", attempt, e)
+            continue
+        return model, tokenizer, attempt
+    raise ValueError(f"the model supports neither {' nor '.join(MODES)} parallelism")
 
 
 def share_int(group: Any, value: int) -> int:
@@ -322,7 +332,7 @@ def run(args: argparse.Namespace, model_dir: Path, num_ctx: int,
 
     try:
         group = init_group()
-        model, tokenizer = load_shard(model_dir, args.distributed, group)
+        model, tokenizer, mode = load_shard(model_dir, args.distributed, group)
     except Exception as e:  # any load failure becomes one line
         detail = " ".join(str(e).split())[:300] or "no details"
         fail(f"cannot load {model_dir} ({args.distributed} parallel): {type(e).__name__}: {detail}")
@@ -330,14 +340,14 @@ def run(args: argparse.Namespace, model_dir: Path, num_ctx: int,
     rank, size = group.rank(), group.size()
     sync = StepSync(group, tokenizer)
     engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, sync=sync)
-    log.info("rank %d/%d loaded its %s shard of %s", rank, size, args.distributed, model_dir)
+    log.info("rank %d/%d loaded its %s shard of %s", rank, size, mode, model_dir)
     if rank == 0:
-        _lead(args, model_dir, engine, group, serve)
+        _lead(args, model_dir, engine, group, mode, serve)
     else:
         _follow(engine, group, rank)
 
 
-def _lead(args: argparse.Namespace, model_dir: Path, engine: Engine, group: Any,
+def _lead(args: argparse.Namespace, model_dir: Path, engine: Engine, group: Any, mode: str,
           serve: Callable[[RunnerApp, str, int], Coroutine[Any, Any, None]]) -> None:
     from corral.runner.routes import RunnerApp
 
@@ -357,7 +367,7 @@ def _lead(args: argparse.Namespace, model_dir: Path, engine: Engine, group: Any,
     share_int(group, watch.port)
     if not watch.wait_connected(CONNECT_TIMEOUT_S):
         _exit(2, "runner: error: not every rank connected to the leader")
-    size, mode = group.size(), args.distributed
+    size = group.size()
 
     def status() -> dict[str, Any]:
         ranks = [rank_status(0), *(watch.peers[r] for r in sorted(watch.peers))]

@@ -10,6 +10,14 @@ of need so its imports are done, then adopted for a model, which it reads on
 stdin (`adopt` + `start`). StandbyFactory keeps one such process ready, so a
 cold load skips interpreter start and the mlx_lm/transformers imports.
 
+DistributedRunner is one logical runner made of several ranks on several hosts:
+`mlx.launch` (ring backend) in its own process group starts one
+`python -m corral.runner --distributed MODE` per host (over ssh for a remote
+host, as mlx.launch does), rank 0 on this machine serving the runner protocol.
+The supervisor treats the launcher like any runner process: its exit is the
+model's exit, and stopping its group stops every local rank; mlx.launch ends
+the remaining ranks when one fails, and a remote rank goes with its ssh session.
+
 Each runner is recorded in CORRAL_HOME/runners/<pid>.json with its process
 create_time and the supervisor's pid and create_time; `cleanup_orphans` uses
 these to kill runners left by a supervisor that died, never a recycled pid.
@@ -53,6 +61,10 @@ REAP_WAIT = 5.0  # seconds to wait for the kernel to reap a SIGKILLed group befo
 _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback)\b|^\w*(Error|Exception)\b|\berror:", re.IGNORECASE)
 _SECRET_ENV = ("CORRAL_API_KEY",)  # the supervisor's secrets; a runner gets only its own token
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
+LAUNCH_COMMAND: tuple[str, ...] = (
+    sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; "
+    "sys.exit(main())")
+"""`mlx.launch` with the supervisor's interpreter (the supervisor itself never imports mlx)."""
 
 
 class RunnerState(enum.Enum):
@@ -461,6 +473,10 @@ class StandbyFactory:
         self._closed = False
 
     def __call__(self, spec: Any) -> RunnerProcess:
+        if len(getattr(spec, "hosts", ())) > 1:  # ranks start under mlx.launch: no standby for them
+            return DistributedRunner(spec.name, spec.model_dir, hosts=spec.hosts, home=self.home,
+                                     num_ctx=spec.num_ctx, num_parallel=spec.num_parallel, ports=self.ports,
+                                     env=getattr(spec, "env", None))
         spare, self._spare = self._spare, None
         self.refill()
         if spare is not None and spare.spawned and spare.state is RunnerState.STARTING \
@@ -503,3 +519,65 @@ class StandbyFactory:
         spare, self._spare = self._spare, None
         if spare is not None:
             await spare.stop()
+
+
+def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """The first of `count` consecutive ports free on `host` now (the ring backend takes
+    one port per rank from a starting port)."""
+    for _ in range(tries):
+        first = free_port(host)
+        if first + count - 1 > 65535:
+            continue
+        if all(_port_free(host, first + i) for i in range(1, count)):
+            return first
+    raise RunnerFailed(f"no {count} consecutive free ports for a distributed runner")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class DistributedRunner(RunnerProcess):
+    """One model as ranks on several hosts, started by `mlx.launch` as one process group.
+
+    `hosts` are where the ranks go, one each, this machine first (rank 0 serves
+    the runner protocol on loopback). `mode` is "tensor" or "pipeline" (the
+    runner falls back to the other when the model supports only that one).
+    """
+
+    def __init__(self, name: str, model_dir: Path, *, hosts: Sequence[Any], mode: str = "tensor",
+                 launch: Sequence[str] = LAUNCH_COMMAND, **kw: Any) -> None:
+        super().__init__(name, model_dir, **kw)
+        if len(hosts) < 2:
+            raise ValueError("a distributed runner needs at least 2 hosts")
+        self.hosts = tuple(hosts)
+        self.mode = mode
+        self.launch = tuple(launch)
+        self.ring_port = 0
+        self._hostfile_id = secrets.token_hex(4)
+
+    @property
+    def hostfile_path(self) -> Path:
+        return self.home / "hostfiles" / f"{_slug(self.name)}-{self._hostfile_id}.json"
+
+    def argv(self) -> list[str]:
+        return [*self.launch, "--backend", "ring", "--hostfile", str(self.hostfile_path),
+                "--starting-port", str(self.ring_port), "--", *super().argv(), "--distributed", self.mode]
+
+    async def spawn(self) -> None:
+        self.ring_port = free_port_run(len(self.hosts))
+        self.hostfile_path.parent.mkdir(parents=True, exist_ok=True)
+        self.hostfile_path.write_text(json.dumps([{"ssh": h.ssh, "ips": [h.ip]} for h in self.hosts]))
+        await super().spawn()
+
+    async def _watch(self) -> None:
+        await super()._watch()
+        # mlx.launch has gone: nothing of its group may outlive it (a rank stuck in a collective)
+        self._signal(signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.hostfile_path.unlink()
