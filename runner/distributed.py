@@ -203,9 +203,13 @@ def leader_address() -> str:
     return "127.0.0.1"
 
 
+_rss_before_load = 0  # this rank's RSS once its process group was up, before its shard came in
+
+
 def memory_facts() -> dict[str, int]:
     return {"active": int(mx.get_active_memory()), "peak": int(mx.get_peak_memory()),
-            "cache": int(mx.get_cache_memory()), "rss": int(psutil.Process().memory_info().rss)}
+            "cache": int(mx.get_cache_memory()), "rss": int(psutil.Process().memory_info().rss),
+            "rss_before_load": _rss_before_load}
 
 
 def rank_status(rank: int) -> dict[str, Any]:
@@ -330,9 +334,12 @@ def run(args: argparse.Namespace, model_dir: Path, num_ctx: int,
     """Load this rank's shard and serve (leader) or follow (the others); never returns."""
     from corral.runner.engine import Engine
 
+    global _rss_before_load
     try:
         group = init_group()
+        _rss_before_load = int(psutil.Process().memory_info().rss)
         model, tokenizer, mode = load_shard(model_dir, args.distributed, group)
+        mx.clear_cache()  # the whole tensors each shard was cut from
     except Exception as e:  # any load failure becomes one line
         detail = " ".join(str(e).split())[:300] or "no details"
         fail(f"cannot load {model_dir} ({args.distributed} parallel): {type(e).__name__}: {detail}")

@@ -581,3 +581,34 @@ class DistributedRunner(RunnerProcess):
         self._signal(signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.hostfile_path.unlink()
+
+    async def _stop(self) -> None:
+        # the local ranks are the launcher's children: stopped means they are gone too
+        members = await asyncio.to_thread(_group_members, self.pid) if self.spawned else []
+        await super()._stop()
+        if members:
+            await asyncio.to_thread(_wait_gone, members, REAP_WAIT)
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != pgid and os.getpgid(p.pid) == pgid:
+                found.append(p)
+    return found
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each one has exited (a zombie counts: its parent, gone, no longer reaps it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive:
+            return
+        procs = alive
+        time.sleep(0.02)
