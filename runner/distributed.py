@@ -55,7 +55,7 @@ log = logging.getLogger("runner")
 
 MODES = ("tensor", "pipeline")
 HEARTBEAT_S = 0.5
-HEARTBEAT_TIMEOUT_S = float(os.environ.get("CORRAL_RANK_TIMEOUT", "10"))
+HEARTBEAT_TIMEOUT_S = 10.0
 """Silence from a peer this long means it hangs (or its host is gone)."""
 CONNECT_TIMEOUT_S = 60.0
 """How long the leader waits for every follower's watch connection after loading."""

@@ -57,6 +57,7 @@ from corral.supervisor.runner_client import RunnerClient
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL (the runner's drain + disk-tier write fit in it)
+RANK_EXIT_GRACE = 3.0  # seconds a distributed runner has to end by itself after one of its ranks exits
 REAP_WAIT = 5.0  # seconds to wait for the kernel to reap a SIGKILLed group before giving up on it
 _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback)\b|^\w*(Error|Exception)\b|\berror:", re.IGNORECASE)
 _SECRET_ENV = ("CORRAL_API_KEY",)  # the supervisor's secrets; a runner gets only its own token
@@ -575,8 +576,31 @@ class DistributedRunner(RunnerProcess):
         self.hostfile_path.write_text(json.dumps([{"ssh": h.ssh, "ips": [h.ip]} for h in self.hosts]))
         await super().spawn()
 
+    async def _watch_ranks(self) -> None:
+        """Any local rank's (or a remote rank's ssh session's) exit ends the whole runner.
+
+        mlx.launch ends the other ranks when one fails, but it waits on each rank it
+        signals, so a stopped or hung one would hold it forever: give rank 0 a moment to
+        fail its streams in-band and the launcher to finish, then kill the group."""
+        ranks: list[psutil.Process] = []
+        while not self._exited.is_set() and len(ranks) < len(self.hosts):
+            with contextlib.suppress(psutil.Error):
+                ranks = psutil.Process(self.pid).children()
+            await asyncio.sleep(0.2)
+        while not self._exited.is_set():
+            if any(not _running(p) for p in ranks):
+                if not await self.wait_exited(RANK_EXIT_GRACE) and self.state in (RunnerState.STARTING,
+                                                                                   RunnerState.READY):
+                    self.kill_now("a rank of the distributed runner exited")
+                return
+            await asyncio.sleep(0.25)
+
     async def _watch(self) -> None:
-        await super()._watch()
+        ranks = asyncio.create_task(self._watch_ranks())
+        try:
+            await super()._watch()
+        finally:
+            ranks.cancel()
         # mlx.launch has gone: nothing of its group may outlive it (a rank stuck in a collective)
         self._signal(signal.SIGKILL)
         with contextlib.suppress(OSError):
@@ -588,6 +612,13 @@ class DistributedRunner(RunnerProcess):
         await super()._stop()
         if members:
             await asyncio.to_thread(_wait_gone, members, REAP_WAIT)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:

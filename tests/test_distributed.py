@@ -41,9 +41,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-async def complete(runner: RunnerProcess, prompt: str, n: int = 24) -> tuple[str, Done]:
+async def complete(runner: RunnerProcess, prompt: str, n: int = 24, sampling: dict[str, Any] | None = None,
+                   **fields: Any) -> tuple[str, Done]:
     text, done = "", None
-    async for event in runner.client.events(RunnerRequest({"num_predict": n, "temperature": 0}, prompt=prompt)):
+    request = RunnerRequest({"num_predict": n, "temperature": 0, **(sampling or {})}, prompt=prompt, **fields)
+    async for event in runner.client.events(request):
         if isinstance(event, Chunk):
             text += event.content
         else:
@@ -84,6 +86,15 @@ async def _compare(model: Path, home: Path, mode: str) -> dict[str, Any]:
         for (want_text, want_done), (text, done) in zip(expected, got, strict=True):
             assert text == want_text
             assert done.eval_count == want_done.eval_count == 24
+        # constrained decoding: every rank builds the same grammar from the leader's text
+        constrained = {"format": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}
+        want = await complete(single, "JSON please:", 40, **constrained)
+        got_json = await complete(spread, "JSON please:", 40, **constrained)
+        assert got_json[0] == want[0] and got_json[0].startswith("{")
+        # seeded sampling: the same draws as one process (every rank must draw the same token)
+        seeded = {"temperature": 0.8, "seed": 7}
+        sampled = await complete(spread, PROMPTS[1], 16, seeded)
+        assert sampled[0] == (await complete(single, PROMPTS[1], 16, seeded))[0]
         return await spread.client.status()
     finally:
         await spread.stop()
@@ -232,3 +243,25 @@ async def test_a_per_host_limit_forces_two_ranks_and_a_dead_rank_fails_in_band(
     assert await sched.unload(REPO)
     assert all(gone(p) for p in [*again, launcher])
     assert not sched.loaded()
+
+
+@pytest.mark.slow
+async def test_a_hung_rank_fails_the_streams_and_ends_every_rank(llama: Path, tmp_path: Path) -> None:
+    spread = await started(DistributedRunner("spread", llama, hosts=LOOPBACK2, home=tmp_path, num_ctx=CTX,
+                                             num_parallel=2))
+    try:
+        pids = [int(r["pid"]) for r in (await spread.client.status())["distributed"]["ranks"]]
+        request = RunnerRequest({"num_predict": 100_000, "temperature": 0}, prompt="Once")
+        with pytest.raises(RunnerFailed, match="rank 1 hangs"):
+            async for event in spread.client.events(request):
+                if isinstance(event, Chunk) and psutil.Process(pids[1]).status() != psutil.STATUS_STOPPED:
+                    os.kill(pids[1], signal.SIGSTOP)  # alive, silent: no heartbeat, no collective
+        # rank 0 exits; the launcher cannot reap a stopped rank, so the runner's own watch kills the group
+        assert await spread.wait_exited(30)
+        for _ in range(50):
+            if all(gone(p) for p in [*pids, spread.pid]):
+                break
+            await asyncio.sleep(0.1)
+        assert all(gone(p) for p in [*pids, spread.pid])
+    finally:
+        await spread.stop()
