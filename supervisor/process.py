@@ -109,6 +109,8 @@ def _slug(name: str) -> str:
 
 
 class RunnerProcess:
+    keeps_stdin = False  # give the process a pipe on stdin that stays open (never at EOF)
+
     def __init__(
         self,
         name: str,
@@ -218,7 +220,7 @@ class RunnerProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=env,
-            stdin=asyncio.subprocess.PIPE if self.standby else asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if self.standby or self.keeps_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         # From here the process exists: whatever fails below, it is watched and reaped.
@@ -550,6 +552,10 @@ class DistributedRunner(RunnerProcess):
     the runner protocol on loopback). `mode` is "tensor" or "pipeline" (the
     runner falls back to the other when the model supports only that one).
     """
+
+    # mlx.launch forwards its stdin to the ranks in a loop that polls it: at EOF
+    # (/dev/null) that loop spins a core; an open pipe with nothing in it does not.
+    keeps_stdin = True
 
     def __init__(self, name: str, model_dir: Path, *, hosts: Sequence[Any], mode: str = "tensor",
                  launch: Sequence[str] = LAUNCH_COMMAND, **kw: Any) -> None:
