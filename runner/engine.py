@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 from corral.runner.grammar import GrammarProcessor
@@ -30,9 +30,6 @@ from corral.runner.sampling import make_processors, make_sampler
 from corral.runner.stops import StopMatcher
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-if TYPE_CHECKING:
-    from corral.runner.distributed import StepSync
 
 log = logging.getLogger("runner")
 
@@ -67,6 +64,17 @@ class Sequence:
     def emit(self, kind: str, value: Any) -> None:
         """Hand one event to the event loop now (the batched path is Engine._emit)."""
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+
+
+class StepSync(Protocol):
+    """A distributed runner's lockstep (runner/distributed.py): the leader's inbox items,
+    shared with every rank once per pass of the generation loop."""
+
+    leader: bool
+
+    def share(self, items: list[tuple[str, Sequence | None]], stream: Any) -> list[tuple[str, Sequence | None]]: ...
+
+    def close(self, stream: Any) -> None: ...
 
 
 def _deliver(events: list[tuple[Sequence, Event]]) -> None:
