@@ -34,6 +34,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 log = logging.getLogger("runner")
 
 STREAM_INTERVAL = 0.02  # seconds: after a stream's first token, its text goes out at most this often
+HANDOFFS_PER_SECOND = 200  # lines per second across all streams that the interval aims for
+MAX_STREAM_INTERVAL = 0.1  # seconds: never hold a stream's text longer than this
 
 # What the generation thread sends to a sequence's output queue.
 Event = tuple[str, Any]  # ("text", str) | ("logprob", dict) | ("done", dict) | ("error", str)
@@ -378,7 +380,7 @@ class Engine:
 
         A stream's first text, an end (done or error) and a forced flush go at
         once; after its first text a stream's tokens go at most every
-        STREAM_INTERVAL. Each hand-off costs a wake-up and a line per stream in
+        stream_interval(). Each hand-off costs a wake-up and a line per stream in
         this process, a read and a parse in the supervisor, and a write to the
         client: paid per token on a fast model, those take CPU the generation
         itself needs; paid per interval they do not, and 20 ms is still smooth
@@ -387,7 +389,7 @@ class Engine:
         if not self._outbox:
             return
         now = time.perf_counter()
-        if not force and not self._urgent and now - self._flushed_at < STREAM_INTERVAL:
+        if not force and not self._urgent and now - self._flushed_at < stream_interval(len(self._active)):
             return
         self._flushed_at, self._urgent = now, False
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
@@ -428,6 +430,16 @@ class Engine:
     def _update_counts(self) -> None:
         self.active_count = len(self._active)
         self.queued_count = len(self._waiting)
+
+
+def stream_interval(streams: int) -> float:
+    """How long a stream's text may wait for the next hand-off: STREAM_INTERVAL,
+    stretched as streams grow so that all of them together make about
+    HANDOFFS_PER_SECOND lines. The per-line cost (a wake-up here, a read, parse
+    and write in the supervisor, a parse in the client) is paid per line in
+    every process, so 8 fast streams at 20 ms would take a large part of a
+    small machine's CPU from the generation itself."""
+    return min(MAX_STREAM_INTERVAL, max(STREAM_INTERVAL, streams / HANDOFFS_PER_SECOND))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_peer import mlx_lm_server, sse_aggregate, sse_completion
+from bench_peer import CLIENT, mlx_lm_server, sse_aggregate, sse_completion
 from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def start_runner(model: Path, num_parallel: int, log: Path) -> tuple[subprocess.
 def http_stream(url: str, prompt: str, n: int) -> dict[str, Any]:
     body = {"prompt": prompt, "options": {"temperature": 0, "num_predict": n}}
     last: dict[str, Any] = {}
-    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+    with CLIENT.stream("POST", url + "/completion", json=body) as r:
         for line in r.iter_lines():
             last = json.loads(line)
     return last
@@ -87,7 +87,7 @@ def http_single(url: str, n: int) -> tuple[float, float]:
     body = {"prompt": PROMPTS[0], "options": {"temperature": 0, "num_predict": n}}
     count, first, end = 0, 0.0, 0.0
     t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+    with CLIENT.stream("POST", url + "/completion", json=body) as r:
         for line in r.iter_lines():
             d = json.loads(line)
             if d.get("done"):

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import ollama
 import psutil
-from bench_peer import mlx_lm_server, sse_completion
+from bench_peer import CLIENT, mlx_lm_server, sse_completion
 from bench_runner import PROMPTS, local_aggregate
 from corral.supervisor.process import free_port
 
@@ -58,6 +58,31 @@ def make_model(cache: Path, repo: str, *args: str) -> Path:
         check=True, capture_output=True, text=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+SERVERS: dict[str, int] = {}  # base URL -> supervisor pid
+
+
+def cpu_now(url: str) -> tuple[float, float, float]:
+    """CPU seconds so far of this process (the client), the supervisor and its runners."""
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    sup = psutil.Process(SERVERS[url])
+    runners = 0.0
+    for child in sup.children(recursive=True):
+        try:
+            runners += used(child)
+        except psutil.NoSuchProcess:
+            continue
+    return used(psutil.Process()), used(sup), runners
+
+
+def cpu_line(before: tuple[float, float, float], after: tuple[float, float, float], tokens: int) -> str:
+    client, sup, run = ((b - a) * 1e6 / max(1, tokens) for a, b in zip(before, after, strict=True))
+    return (f"            CPU per token: client {client:.0f} us, supervisor {sup:.0f} us, "
+            f"runner {run:.0f} us (generation included)")
 
 
 @contextmanager
@@ -81,8 +106,10 @@ def server(home: Path, cache: Path, **env: str) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("server did not start; see " + str(home / "bench-server.log"))
             time.sleep(0.05)
+        SERVERS[url] = proc.pid
         yield url
     finally:
+        SERVERS.pop(url, None)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         log.close()
@@ -98,7 +125,7 @@ def stream_generate_http(url: str, model: str, tokens: int, prompt: str = PROMPT
     first = last = None
     chunks = 0
     final: dict[str, Any] = {}
-    with httpx.stream("POST", url + "/api/generate", json=body, timeout=600) as r:
+    with CLIENT.stream("POST", url + "/api/generate", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line:
@@ -219,13 +246,18 @@ def decode(url: str, model: str, path: Path, tokens: int, runs: int, peer_log: P
     prompt = local.pick_prompt(tokens)
     stream_generate_http(url, model, 8)  # load + warm
     base, ours, peer = [], [], []
+    cpu, made = [0.0, 0.0, 0.0], 0
     with mlx_lm_server(path, peer_log) as peer_url:
         sse_completion(peer_url, prompt, 8)
         # Alternate the sides so machine noise (large on a shared VM) hits all alike.
         for _ in range(runs):
             _, tps, whole = local.run(prompt, tokens)
             base.append((tps, whole))
+            before = cpu_now(url)
             r = stream_generate_http(url, model, tokens, prompt)
+            after = cpu_now(url)
+            cpu = [c + b - a for c, a, b in zip(cpu, before, after, strict=True)]
+            made += int(r["tokens"])
             ours.append((r["tps"], r["whole"]))
             r = sse_completion(peer_url, prompt, tokens)
             peer.append((r["tps"], r["whole"]))
@@ -235,25 +267,36 @@ def decode(url: str, model: str, path: Path, tokens: int, runs: int, peer_log: P
                     ("/api/generate stream", [o[i] for o in ours]),
                     ("mlx_lm.server SSE", [p[i] for p in peer])])
     print("            target: /api/generate >= 0.97, and above mlx_lm.server")
+    print(cpu_line((0.0, 0.0, 0.0), (cpu[0], cpu[1], cpu[2]), made))
     return local
 
 
-def http_aggregate(url: str, model: str, k: int, tokens: int) -> float:
+def http_aggregate(url: str, model: str, k: int, tokens: int) -> tuple[float, int]:
+    """Aggregate tokens/s of k concurrent streams, and the tokens they made."""
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(k) as ex:
         done = list(ex.map(lambda p: stream_generate_http(url, model, tokens, p), PROMPTS[:k]))
-    return sum(d["tokens"] for d in done) / (time.perf_counter() - t0)
+    made = sum(int(d["tokens"]) for d in done)
+    return made / (time.perf_counter() - t0), made
 
 
 def concurrent_streams(url: str, model: str, local: InProcess, tokens: int, runs: int) -> None:
     for k, target in ((4, 0.90), (8, 0.85)):
         ours, base = [], []
+        cpu = [0.0, 0.0, 0.0]
+        made = 0
         for _ in range(runs):
-            ours.append(http_aggregate(url, model, k, tokens))
+            before = cpu_now(url)
+            rate, n = http_aggregate(url, model, k, tokens)
+            after = cpu_now(url)
+            cpu = [c + b - a for c, a, b in zip(cpu, before, after, strict=True)]
+            ours.append(rate)
+            made += n
             base.append(local_aggregate(local.model, local.tok, k, tokens))
         ratio_rows(f"   {k} streams aggregate", tokens, runs,
                    [("in-process BatchGenerator", base), ("/api/generate x" + str(k), ours)])
         print(f"            target >= {target:.2f}")
+        print(cpu_line((0.0, 0.0, 0.0), (cpu[0], cpu[1], cpu[2]), made))
 
 
 def first_token_ms(local: InProcess, prompt: str) -> float:

@@ -224,7 +224,7 @@ class RunnerProcess:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         # From here the process exists: whatever fails below, it is watched and reaped.
-        self._client = RunnerClient(f"http://{self.host}:{self.port}", self.token)
+        self._client = RunnerClient(f"http://{self.host}:{self.port}", self.token, num_parallel=self.num_parallel)
         self._stderr_task = asyncio.create_task(self._pump_stderr())
         self._watch_task = asyncio.create_task(self._watch())
         try:
@@ -241,6 +241,8 @@ class RunnerProcess:
             raise RuntimeError(f"runner {self.name}: only a waiting standby can be adopted")
         self.name, self.model_dir, self.num_ctx, self.num_parallel = name, Path(model_dir), num_ctx, num_parallel
         self.env = dict(env or {})
+        if self._client is not None:
+            self._client.limit_streams(num_parallel)
         self._write_record()  # the record names the model it now serves
 
     async def _assign(self) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from corral.runner.protocol import (
@@ -21,25 +24,30 @@ from corral.runner.protocol import (
     done_from_line,
 )
 from corral.supervisor.errors import BadRequest, RunnerFailed
+from corral.supervisor.runner_stream import StreamBroken, StreamPool
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(status: int, body: bytes) -> str:
     try:
-        data = resp.json()
+        data = json.loads(body)
     except ValueError:
-        return resp.text.strip() or f"runner answered HTTP {resp.status_code}"
+        return body.decode("utf-8", "replace").strip() or f"runner answered HTTP {status}"
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return data["error"]
-    return f"runner answered HTTP {resp.status_code}"
+    return f"runner answered HTTP {status}"
+
+
+def _raise_for_status(status: int, body: bytes) -> None:
+    if status < 400:
+        return
+    msg = _error_message(status, body)
+    if status < 500:
+        raise BadRequest(msg)
+    raise RunnerFailed(msg)
 
 
 def _raise_for(resp: httpx.Response) -> None:
-    if resp.status_code < 400:
-        return
-    msg = _error_message(resp)
-    if resp.status_code < 500:
-        raise BadRequest(msg)
-    raise RunnerFailed(msg)
+    _raise_for_status(resp.status_code, resp.content)
 
 
 StreamEvent = Chunk | Done
@@ -78,19 +86,43 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+STREAMS_PER_SLOT = 2
+"""Completion streams in flight to a runner per sequence it decodes at once (see limit_streams)."""
+
+
 class RunnerClient:
-    def __init__(self, base_url: str, token: str | None, *, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 30.0,
+                 num_parallel: int = 4) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url
         # Streams may idle for long between tokens (a long prefill): no read timeout there.
-        # No pool caps: every concurrent stream needs its own connection, and
-        # httpx's defaults (20 kept alive, 100 at most) would close connections
-        # past 20 and make request 101 wait for a free one.
+        # No pool caps: the stream gate below bounds the streams, and control
+        # requests (/health, /status) must never wait behind them (a stall check
+        # that queued behind busy streams would call a healthy runner hung).
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
         self._timeout = timeout
+        self._stream_gate = asyncio.Semaphore(STREAMS_PER_SLOT * num_parallel)
+        where = urlsplit(base_url)
+        self._streams = StreamPool(where.hostname or "127.0.0.1", where.port or 80, headers,
+                                   connect_timeout=timeout)
+
+    def limit_streams(self, num_parallel: int) -> None:
+        """Bound the completion streams in flight to STREAMS_PER_SLOT x num_parallel.
+
+        The runner decodes num_parallel sequences and queues the rest, so more
+        streams in flight than twice that only wait there. They would not be
+        free here: httpx's pool scans every connection it holds (a readability
+        syscall for each idle one) whenever a request starts or ends, so 256
+        clients on one model cost O(n^2) and the supervisor's CPU per request
+        grew from 6 to 20 ms. Past the gate, requests wait on a semaphore in
+        arrival order, at no cost. Called before the runner serves anything
+        (a standby learns its num_parallel when it is adopted).
+        """
+        self._stream_gate = asyncio.Semaphore(STREAMS_PER_SLOT * max(1, num_parallel))
 
     async def aclose(self) -> None:
+        self._streams.close()
         await self._http.aclose()
 
     def _check_open(self) -> None:
@@ -143,13 +175,12 @@ class RunnerClient:
         cancel the sequence.
         """
         self._check_open()
-        timeout = httpx.Timeout(self._timeout, read=None)
+        payload = json.dumps(body).encode()
         try:
-            async with self._http.stream("POST", ROUTE_COMPLETION, json=body, timeout=timeout) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    _raise_for(resp)
-                reads = resp.aiter_bytes()
+            async with contextlib.AsyncExitStack() as stack, self._stream_gate, self._streams.post(ROUTE_COMPLETION, payload) as resp:
+                if resp.status >= 400:
+                    _raise_for_status(resp.status, await resp.read())
+                reads = await stack.enter_async_context(contextlib.aclosing(resp.chunks()))
                 rest = b""
                 async for data in reads:
                     *complete, rest = (rest + data).split(b"\n")
@@ -167,8 +198,8 @@ class RunnerClient:
                     if line.get("done"):
                         return
                 raise RunnerFailed("runner stream ended before it was done")
-        except httpx.HTTPError as e:
-            raise RunnerFailed(f"connection to runner broken: {e}") from e
+        except StreamBroken as e:
+            raise RunnerFailed(str(e)) from e
 
     async def completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """The runner's NDJSON lines as dicts, error lines included (see events())."""

@@ -107,6 +107,9 @@ STALL_HEALTH_TIMEOUT = 5.0
 class Store(Protocol):
     def resolve(self, name: str) -> ModelRef: ...
 
+    def resolve_recent(self, name: str) -> ModelRef | None:
+        """resolve()'s answer if it is fresh enough to give without file access, else None."""
+
     def manifest(self, ref: ModelRef) -> Manifest: ...
 
 
@@ -583,8 +586,9 @@ class Scheduler:
     # -- public -------------------------------------------------------------
 
     async def resolve(self, name: str) -> ModelRef:
-        """The store's ModelRef for `name` (file access off the event loop)."""
-        return await asyncio.to_thread(self.store.resolve, name)
+        """The store's ModelRef for `name` (file access off the event loop, unless just checked)."""
+        ref = self.store.resolve_recent(name)
+        return ref if ref is not None else await asyncio.to_thread(self.store.resolve, name)
 
     async def acquire(
         self, ref: ModelRef, *, keep_alive: float | None = None, num_ctx: int | None = None

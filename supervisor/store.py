@@ -51,6 +51,9 @@ from corral.supervisor.names import (
 )
 
 REGISTRY_FILE = "models.json"
+RECENT_S = 1.0
+"""Seconds a resolve or manifest answer is served without a stat (Store.resolve_recent)."""
+
 # The snapshot commit directory names the hub cache uses.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MODEL_TYPE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -255,6 +258,8 @@ class ModelStore:
         # path -> (file identity, manifest); see manifest()
         self._manifests: dict[Path, tuple[tuple[Any, ...], Manifest]] = {}
         self._resolved: dict[str, tuple[tuple[Any, ...], ModelRef]] = {}
+        # name key / model path -> when its answer was last checked against the disk; see recent()
+        self._checked: dict[str | Path, float] = {}
         # Ollama library names -> Hub repo ids (read once; config.toml's [library] over the shipped table)
         self.library = load_library(self.home)
 
@@ -284,10 +289,37 @@ class ModelStore:
         key = normalize_name(name)
         hit = self._resolved.get(key)
         if hit is not None and hit[0] == self._resolve_stamp(hit[1]):
+            self._checked[key] = time.monotonic()
             return hit[1]
         ref = self._resolve(name, key)
         self._resolved[key] = (self._resolve_stamp(ref), ref)
+        self._checked[key] = time.monotonic()
         return ref
+
+    def resolve_recent(self, name: str) -> ModelRef | None:
+        """resolve()'s answer when it was checked against the disk within RECENT_S, else None.
+
+        For the event loop: every request resolves its model, and a hop to a
+        worker thread for resolve()'s handful of stats costs more than the stats
+        (on a busy server it was a tenth of the CPU per request). Changes made
+        through this store (create, copy, delete) are seen at once; changes made
+        behind its back are seen within RECENT_S.
+        """
+        try:
+            key = normalize_name(name)
+        except CorralError:
+            return None
+        hit = self._resolved.get(key)
+        return hit[1] if hit is not None and self._fresh(key) else None
+
+    def manifest_recent(self, ref: ModelRef) -> Manifest | None:
+        """manifest()'s answer when it was checked within RECENT_S, else None (see resolve_recent)."""
+        cached = self._manifests.get(ref.path)
+        return cached[1] if cached is not None and self._fresh(ref.path) else None
+
+    def _fresh(self, key: str | Path) -> bool:
+        checked = self._checked.get(key)
+        return checked is not None and time.monotonic() - checked < RECENT_S
 
     def _resolve_stamp(self, ref: ModelRef) -> tuple[Any, ...]:
         """What a resolved name depends on: the registry, the cache's list of repos,
@@ -322,6 +354,7 @@ class ModelStore:
         """Cached by file identity (path, size, mtime) so listing a large cache stays fast."""
         identity = self._identity(ref.path)
         cached = self._manifests.get(ref.path)
+        self._checked[ref.path] = time.monotonic()
         if cached is not None and cached[0] == identity:
             return cached[1]
         manifest = read_manifest(ref.path)
@@ -397,6 +430,7 @@ class ModelStore:
     def delete(self, name: str) -> None:
         """Registered names are unregistered; HF cache entries are removed from the cache."""
         key = normalize_name(name)
+        self._checked.clear()
         with self._lock:
             reg = self._registry()
             if key in reg:
@@ -496,6 +530,7 @@ class ModelStore:
         }
 
     def _write_registry(self, reg: dict[str, dict[str, Any]]) -> None:
+        self._checked.clear()  # names may now resolve elsewhere: check the disk again
         # Write-then-rename so a crash never leaves a half-written registry.
         self.home.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".models.", suffix=".json")

@@ -46,6 +46,12 @@ class FakeStore:
             raise ModelNotFound(name)
         return ModelRef(key, self.root / key, "local", "d", 0.0, 1)
 
+    def resolve_recent(self, name: str) -> ModelRef | None:
+        return None  # never checked recently: resolve() on a worker thread, as on a cold store
+
+    def manifest_recent(self, ref: ModelRef) -> Manifest | None:
+        return None
+
     def manifest(self, ref: ModelRef) -> Manifest:
         return manifest(self.sizes[ref.name])
 

@@ -57,6 +57,12 @@ class FakeStore:
                 return ModelRef(stored, Path("/models") / stored, "local", "d", 0.0, 1)
         raise ModelNotFound(name)
 
+    def resolve_recent(self, name: str) -> ModelRef | None:
+        return None  # never checked recently: resolve() on a worker thread, as on a cold store
+
+    def manifest_recent(self, ref: ModelRef) -> Manifest | None:
+        return None
+
     def manifest(self, ref: ModelRef) -> Manifest:
         if ref.name in self.broken:
             raise OSError("config.json is unreadable")

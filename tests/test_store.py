@@ -329,3 +329,22 @@ def test_store_never_imports_mlx(cache: Path, tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_recent_answers_skip_the_disk_for_a_second_and_changes_made_here_clear_them(
+        store: ModelStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(store_mod.time, "monotonic", lambda: now[0])
+    assert store.resolve_recent(TINY) is None  # never checked
+    ref = store.resolve(TINY)
+    assert store.resolve_recent(TINY.upper()) == ref
+    assert store.manifest_recent(ref) is None
+    manifest = store.manifest(ref)
+    assert store.manifest_recent(ref) == manifest
+    now[0] += store_mod.RECENT_S + 0.01
+    assert store.resolve_recent(TINY) is None and store.manifest_recent(ref) is None
+    assert store.resolve(TINY) == ref  # a cached answer, checked again: recent once more
+    assert store.resolve_recent(TINY) == ref
+    store.register("mine", tiny_model)  # the registry changed: names may resolve elsewhere now
+    assert store.resolve_recent(TINY) is None
+    assert store.resolve_recent("no/such:model") is None and store.resolve_recent("bad name!") is None

@@ -293,7 +293,9 @@ class Generation:
         """Ollama's 400 for generate/chat on an embedding model, before anything loads."""
         try:
             ref = await self.ctx.scheduler.resolve(self.model)
-            manifest = await anyio.to_thread.run_sync(self.ctx.store.manifest, ref)
+            manifest = self.ctx.store.manifest_recent(ref)
+            if manifest is None:
+                manifest = await anyio.to_thread.run_sync(self.ctx.store.manifest, ref)
         except (CorralError, ValueError, OSError):
             return  # unknown or unreadable: acquire reports it as for any model
         if manifest.kind == KIND_EMBEDDING:

@@ -99,6 +99,12 @@ class FakeStore:
             raise ModelNotFound(name)
         return self.refs[key]
 
+    def resolve_recent(self, name: str) -> ModelRef | None:
+        return None  # never checked recently: resolve() on a worker thread, as on a cold store
+
+    def manifest_recent(self, ref: ModelRef) -> Manifest | None:
+        return None
+
     def manifest(self, ref: ModelRef) -> Manifest:
         return self.manifests.get(ref.name.lower()) or fake_manifest()
 
