@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-ctx", type=int, default=0, help="tokens per sequence (default: min(4096, model max))")
     p.add_argument("--num-parallel", type=int, default=DEFAULT_NUM_PARALLEL)
     p.add_argument("--name", default=None, help="model name reported by /status (default: the directory)")
+    p.add_argument("--distributed", choices=("tensor", "pipeline"), default=None,
+                   help="one rank of a model sharded across processes started by mlx.launch; rank 0 serves")
     args = p.parse_args(argv)
     if args.num_ctx < 0 or args.num_parallel < 1:
         p.error("--num-ctx must be >= 0 and --num-parallel >= 1")
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     num_ctx = args.num_ctx or default_num_ctx(config, DEFAULT_NUM_CTX)
 
+    if args.distributed:
+        from corral.runner import distributed
+
+        distributed.run(args, model_dir, num_ctx, fail, serve)
     t0 = time.perf_counter()
     spec = embedding_spec_or_fail(model_dir, config)
     app: RunnerApp

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 from corral.runner.grammar import GrammarProcessor
@@ -68,6 +68,17 @@ class Sequence:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
 
 
+class StepSync(Protocol):
+    """A distributed runner's lockstep (runner/distributed.py): the leader's inbox items,
+    shared with every rank once per pass of the generation loop."""
+
+    leader: bool
+
+    def share(self, items: list[tuple[str, Sequence | None]], stream: Any) -> list[tuple[str, Sequence | None]]: ...
+
+    def close(self, stream: Any) -> None: ...
+
+
 def _deliver(events: list[tuple[Sequence, Event]]) -> None:
     # Runs on the event loop: one wake-up for a whole pass of the generation loop.
     for seq, event in events:
@@ -76,8 +87,9 @@ def _deliver(events: list[tuple[Sequence, Event]]) -> None:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, sync: StepSync | None = None) -> None:
         self.model = model
+        self.sync = sync  # distributed: every rank applies the same inbox items at the same step
         self.prompt_cache = prompt_cache
         self.tokenizer = tokenizer
         self.num_ctx = num_ctx
@@ -120,6 +132,35 @@ class Engine:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=5)
 
+    def join(self) -> None:
+        """Wait for the generation thread to end (a distributed follower has nothing else to do)."""
+        self._thread.join()
+
+    def fail_all(self, message: str) -> None:
+        """End every stream with an in-band error, from any thread, and stop.
+
+        For when the generation thread cannot go on and may never return (a
+        distributed peer is gone while it waits in a collective)."""
+        self._stop.set()
+        pending: list[Sequence] = []
+        while True:
+            try:
+                _, seq = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if seq is not None:
+                pending.append(seq)
+        for _ in range(3):  # the generation thread may still touch these; retry a torn read
+            try:
+                pending += [*self._active.values(), *self._waiting]
+                break
+            except RuntimeError:
+                continue
+        for seq in pending:
+            if not seq.finished:
+                seq.finished = True
+                seq.emit("error", message)
+
     def stop_and_save(self, time_budget_s: float) -> tuple[int, int]:
         """Stop, writing the prompt cache's disk tier on the way out; (files, bytes on disk).
 
@@ -155,6 +196,8 @@ class Engine:
                 seq.emit("error", f"generation failed: {e}")
             self._stop.set()
         finally:
+            if self.sync is not None:
+                self.sync.close(gen._stream)  # the other ranks leave their loops too
             self._save(gen)
             gen.close()
 
@@ -168,22 +211,31 @@ class Engine:
             log.exception("prompt cache: disk write failed")
 
     def _drain_inbox(self, gen: BatchGenerator, *, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
+        if self.sync is None:
+            items = self._take_inbox(block=block)
+        else:  # the leader's items, shared so that every rank steps the same batch
+            items = self.sync.share(self._take_inbox(block=block) if self.sync.leader else [], gen._stream)
+        for item in items:
             self._handle(gen, *item)
+
+    def _take_inbox(self, *, block: bool) -> list[tuple[str, Sequence | None]]:
+        try:
+            items = [self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
             try:
-                item = self._inbox.get_nowait()
+                items.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                return items
 
     def _handle(self, gen: BatchGenerator, kind: str, seq: Sequence | None) -> None:
         if kind == "add" and seq is not None:
             self._waiting.append(seq)
         elif kind == "cancel" and seq is not None:
             self._finish(gen, seq, DONE_CANCELLED)
+        elif kind == "stop":  # a distributed follower: the leader has stopped
+            self._stop.set()
         elif kind == "cancel_all":
             for s in [*self._active.values(), *self._waiting]:
                 self._finish(gen, s, DONE_CANCELLED)

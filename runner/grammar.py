@@ -178,7 +178,7 @@ class GrammarCache:
     async def processor(self, grammar: str) -> GrammarProcessor:
         """A processor for a new sequence constrained by `grammar`."""
         matcher = await self.matcher(grammar)
-        return GrammarProcessor(matcher, self.vocab_size)
+        return GrammarProcessor(matcher, self.vocab_size, grammar)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -207,8 +207,9 @@ class GrammarProcessor:
     turns true once the grammar allows nothing but the end.
     """
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, spec: str | None = None) -> None:
         self.matcher = matcher
+        self.spec = spec  # the grammar text, so that a distributed runner's other ranks can build the same
         self._calls = 0
         self._bits = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
 

@@ -144,6 +144,8 @@ class RunnerApp:
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self._proc = psutil.Process()
         self.grammars = GrammarCache(self.tokenizer)
+        # more /status fields (a distributed runner adds its ranks)
+        self.extra_status: Callable[[], dict[str, Any]] = dict
         self.app = Starlette(
             routes=[
                 Route(ROUTE_HEALTH, self.health, methods=["GET"]),
@@ -172,6 +174,7 @@ class RunnerApp:
     async def status(self, request: Request) -> Response:
         rss = self._proc.memory_info().rss
         return JSONResponse({
+            **self.extra_status(),
             "status": "ok" if self.engine.alive and not self.draining else "stopping",
             "model": self.model_name,
             "kind": self.kind,

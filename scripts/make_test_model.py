@@ -79,11 +79,14 @@ def build_tokenizer(vocab_size: int) -> Any:
     return tok
 
 
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def model_config(args: argparse.Namespace, vocab_size: int, eos_id: int) -> dict[str, Any]:
     heads = args.heads
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": args.family,
+        "architectures": [FAMILIES[args.family]],
         "hidden_size": args.hidden,
         "num_hidden_layers": args.layers,
         "intermediate_size": args.intermediate or args.hidden * 2,
@@ -103,7 +106,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, eos_id: int) -> dict
 def write_model(args: argparse.Namespace, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(args.vocab)
@@ -113,7 +116,8 @@ def write_model(args: argparse.Namespace, out: Path) -> Path:
     config = {k: v for k, v in config.items() if v is not None}
 
     mx.random.seed(args.seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    family = qwen2 if args.family == "qwen2" else llama
+    model = family.Model(family.ModelArgs.from_dict(config))
     # Larger-than-default init scale makes logits peaked enough that greedy
     # decoding is not decided by float noise, so batched and single runs agree.
     params = tree_map(lambda p: p * args.init_scale if p.ndim >= 2 else p, model.parameters())
@@ -128,6 +132,10 @@ def write_model(args: argparse.Namespace, out: Path) -> Path:
 
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if args.family == "qwen2":
+        # mlx_lm's pipeline-parallel loader picks each stage's files from this index.
+        index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
     tok.save(str(out / "tokenizer.json"))
@@ -201,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("out", nargs="?", help="plain model directory to write")
     p.add_argument("--hf-cache", help="write a Hugging Face cache entry under this hub cache dir")
     p.add_argument("--repo", default=None, help="repo id for --hf-cache, e.g. corral-test/tiny-llama")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                   help="qwen2 supports pipeline as well as tensor parallel in mlx_lm")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

@@ -158,7 +158,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
     rows = [[m.get("name", ""), short_id(m.get("digest", "")), human_size(m.get("size", 0)),
              str(m.get("context_length", "")), human_until(m.get("expires_at", "")),
              str(m.get("pid", ""))] for m in models]
-    print_table(["NAME", "ID", "SIZE", "CONTEXT", "UNTIL", "PID"], rows)
+    headers = ["NAME", "ID", "SIZE", "CONTEXT", "UNTIL", "PID"]
+    if any(m.get("hosts") for m in models):  # a model spread across hosts: one rank per host
+        headers.append("HOSTS")
+        for row, m in zip(rows, models, strict=True):
+            row.append(",".join(m.get("hosts") or []))
+    print_table(headers, rows)
     return EXIT_OK
 
 
@@ -263,6 +268,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         if source.startswith((".", "/", "~")) or Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser().resolve())
         body = {"from": source}
+    if args.shards is not None:  # stored with the name: every load of it runs as this many ranks
+        body.setdefault("parameters", {})["num_shards"] = args.shards
     with _client(args) as c:
         c.create(args.name, **body)
     print(f"created '{args.name}' from {source}")
@@ -746,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--from", dest="source", metavar="DIR|MODEL",
                         help="no Modelfile: a model name, or a directory holding config.json, "
                              "*.safetensors and the tokenizer")
+    create.add_argument("--shards", type=int, default=None, metavar="N",
+                        help="run it as N ranks on N hosts (the hosts setting), whatever its size")
     _add(sub, "version", cmd_version, "show the client and server versions")
     return parser
 

@@ -305,6 +305,61 @@ def _port_range(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: parse_port_range(raw)}
 
 
+@dataclass(frozen=True)
+class HostSpec:
+    """One machine a model may run on (the hosts setting); the first one is this machine."""
+
+    ssh: str  # how `mlx.launch` reaches it over ssh (127.0.0.1: no ssh, a local rank)
+    ip: str  # the address the ring backend connects to
+    memory_limit: int | None = None  # bytes; None: host 0's memory_limit / physical memory
+
+
+def _host_entry(text: str, total: int) -> HostSpec:
+    addr, _, size = text.strip().partition("=")
+    addr = addr.strip()
+    if not addr or any(c.isspace() for c in addr):
+        raise BadRequest(f"hosts: bad entry {text!r}: use ADDRESS or ADDRESS=SIZE (e.g. 10.0.0.2=64GiB)")
+    return HostSpec(addr, addr, parse_memory_limit(size.strip(), total) if size.strip() else None)
+
+
+def read_hostfile(path: Path, total: int) -> list[HostSpec]:
+    """A hostfile in `mlx.distributed_config`'s JSON format: a list (or {"hosts": [...]}) of
+    {"ssh": NAME, "ips": [IP, ...]}, each optionally with our "memory_limit"."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        entries = data["hosts"] if isinstance(data, dict) else data
+        hosts = []
+        for h in entries:
+            ips = h.get("ips") or [h["ssh"]]
+            hosts.append(HostSpec(str(h["ssh"]), str(ips[0]), parse_memory_limit(h.get("memory_limit"), total)))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise BadRequest(f"hosts: cannot read hostfile {path}: {e}") from None
+    return hosts
+
+
+def parse_hosts(raw: Any, total: int) -> list[HostSpec]:
+    """`ADDR[=SIZE],...` (or a TOML list of them), or the path of a JSON hostfile."""
+    if raw in (None, "", []):
+        return []
+    if isinstance(raw, str) and raw.strip().endswith(".json"):
+        hosts = read_hostfile(Path(raw.strip()).expanduser(), total)
+    else:
+        hosts = [_host_entry(entry, total) for entry in parse_list(raw)]
+    if len(hosts) == 1:
+        raise BadRequest("hosts: list this machine first and at least one more host (or leave it unset)")
+    return hosts
+
+
+def _hosts(name: str, raw: Any, total: int) -> dict[str, Any]:
+    return {name: parse_hosts(raw, total)}
+
+
+def _show_hosts(s: Settings, name: str) -> dict[str, Any]:
+    return {name: [{"ssh": h.ssh, "ip": h.ip, "memory_limit": h.memory_limit} for h in s.hosts]}
+
+
 def _text(name: str, raw: Any, total: int) -> dict[str, Any]:
     return {name: str(raw) if raw not in (None, "") else None}
 
@@ -437,6 +492,9 @@ SETTINGS: tuple[Setting, ...] = (
             "prompt (KV) cache per model: bytes, `1GiB`, a share of the model's memory, `0` off"),
     Setting("kv_disk", "SIZE", DEFAULT_KV_DISK, _size,
             "disk for prompt caches kept across unloads (`CORRAL_HOME/kv`, all models), `0` off"),
+    Setting("hosts", "HOSTS", None, _hosts,
+            "machines a model may span: `ADDR[=SIZE],...`, this one first, or a JSON hostfile "
+            "(`mlx.distributed_config` format)", default_note="this machine only", show=_show_hosts),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 RUNTIME_MUTABLE = tuple(s.name for s in SETTINGS if s.mutable)
@@ -487,6 +545,7 @@ class Settings:
     reserve: int = field(default_factory=_default("reserve"))  # bytes kept free for the OS and the supervisor
     prompt_cache: str = field(default_factory=_default("prompt_cache"))  # size or share, resolved per model
     kv_disk: int = field(default_factory=_default("kv_disk"))  # bytes of disk-tier prompt caches, all models
+    hosts: list[HostSpec] = field(default_factory=_default("hosts"))  # []: this machine only; [0] is this one
 
     @property
     def logs_dir(self) -> Path:

@@ -10,6 +10,14 @@ of need so its imports are done, then adopted for a model, which it reads on
 stdin (`adopt` + `start`). StandbyFactory keeps one such process ready, so a
 cold load skips interpreter start and the mlx_lm/transformers imports.
 
+DistributedRunner is one logical runner made of several ranks on several hosts:
+`mlx.launch` (ring backend) in its own process group starts one
+`python -m corral.runner --distributed MODE` per host (over ssh for a remote
+host, as mlx.launch does), rank 0 on this machine serving the runner protocol.
+The supervisor treats the launcher like any runner process: its exit is the
+model's exit, and stopping its group stops every local rank; mlx.launch ends
+the remaining ranks when one fails, and a remote rank goes with its ssh session.
+
 Each runner is recorded in CORRAL_HOME/runners/<pid>.json with its process
 create_time and the supervisor's pid and create_time; `cleanup_orphans` uses
 these to kill runners left by a supervisor that died, never a recycled pid.
@@ -50,10 +58,15 @@ from corral.supervisor.runner_client import RunnerClient
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL (the runner's drain + disk-tier write fit in it)
+RANK_EXIT_GRACE = 3.0  # seconds a distributed runner has to end by itself after one of its ranks exits
 REAP_WAIT = 5.0  # seconds to wait for the kernel to reap a SIGKILLed group before giving up on it
 _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback)\b|^\w*(Error|Exception)\b|\berror:", re.IGNORECASE)
 _SECRET_ENV = ("CORRAL_API_KEY",)  # the supervisor's secrets; a runner gets only its own token
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
+LAUNCH_COMMAND: tuple[str, ...] = (
+    sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; "
+    "sys.exit(main())")
+"""`mlx.launch` with the supervisor's interpreter (the supervisor itself never imports mlx)."""
 
 
 class RunnerState(enum.Enum):
@@ -102,6 +115,8 @@ def runner_log_path(home: Path, name: str) -> Path:
 
 
 class RunnerProcess:
+    keeps_stdin = False  # give the process a pipe on stdin that stays open (never at EOF)
+
     def __init__(
         self,
         name: str,
@@ -213,7 +228,7 @@ class RunnerProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=env,
-            stdin=asyncio.subprocess.PIPE if self.standby else asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if self.standby or self.keeps_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         # From here the process exists: whatever fails below, it is watched and reaped.
@@ -488,6 +503,10 @@ class StandbyFactory:
         self.device_facts: dict[str, Any] | None = None  # the last standby's report
 
     def __call__(self, spec: Any) -> RunnerProcess:
+        if len(getattr(spec, "hosts", ())) > 1:  # ranks start under mlx.launch: no standby for them
+            return DistributedRunner(spec.name, spec.model_dir, hosts=spec.hosts, home=self.home,
+                                     num_ctx=spec.num_ctx, num_parallel=spec.num_parallel, ports=self.ports,
+                                     env=getattr(spec, "env", None))
         spare, self._spare = self._spare, None
         self.refill()
         if spare is not None and spare.spawned and spare.state is RunnerState.STARTING \
@@ -555,3 +574,130 @@ class StandbyFactory:
         spare, self._spare = self._spare, None
         if spare is not None:
             await spare.stop()
+
+
+def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """The first of `count` consecutive ports free on `host` now (the ring backend takes
+    one port per rank from a starting port)."""
+    for _ in range(tries):
+        first = free_port(host)
+        if first + count - 1 > 65535:
+            continue
+        if all(_port_free(host, first + i) for i in range(1, count)):
+            return first
+    raise RunnerFailed(f"no {count} consecutive free ports for a distributed runner")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class DistributedRunner(RunnerProcess):
+    """One model as ranks on several hosts, started by `mlx.launch` as one process group.
+
+    `hosts` are where the ranks go, one each, this machine first (rank 0 serves
+    the runner protocol on loopback). `mode` is "tensor" or "pipeline" (the
+    runner falls back to the other when the model supports only that one).
+    """
+
+    # mlx.launch forwards its stdin to the ranks in a loop that polls it: at EOF
+    # (/dev/null) that loop spins a core; an open pipe with nothing in it does not.
+    keeps_stdin = True
+
+    def __init__(self, name: str, model_dir: Path, *, hosts: Sequence[Any], mode: str = "tensor",
+                 launch: Sequence[str] = LAUNCH_COMMAND, **kw: Any) -> None:
+        super().__init__(name, model_dir, **kw)
+        if len(hosts) < 2:
+            raise ValueError("a distributed runner needs at least 2 hosts")
+        self.hosts = tuple(hosts)
+        self.mode = mode
+        self.launch = tuple(launch)
+        self.ring_port = 0
+        self._hostfile_id = secrets.token_hex(4)
+
+    @property
+    def hostfile_path(self) -> Path:
+        return self.home / "hostfiles" / f"{_slug(self.name)}-{self._hostfile_id}.json"
+
+    def argv(self) -> list[str]:
+        return [*self.launch, "--backend", "ring", "--hostfile", str(self.hostfile_path),
+                "--starting-port", str(self.ring_port), "--", *super().argv(), "--distributed", self.mode]
+
+    async def spawn(self) -> None:
+        self.ring_port = free_port_run(len(self.hosts))
+        self.hostfile_path.parent.mkdir(parents=True, exist_ok=True)
+        self.hostfile_path.write_text(json.dumps([{"ssh": h.ssh, "ips": [h.ip]} for h in self.hosts]))
+        await super().spawn()
+
+    async def _watch_ranks(self) -> None:
+        """Any local rank's (or a remote rank's ssh session's) exit ends the whole runner.
+
+        mlx.launch ends the other ranks when one fails, but it waits on each rank it
+        signals, so a stopped or hung one would hold it forever: give rank 0 a moment to
+        fail its streams in-band and the launcher to finish, then kill the group."""
+        ranks: list[psutil.Process] = []
+        while not self._exited.is_set() and len(ranks) < len(self.hosts):
+            with contextlib.suppress(psutil.Error):
+                ranks = psutil.Process(self.pid).children()
+            await asyncio.sleep(0.2)
+        while not self._exited.is_set():
+            if any(not _running(p) for p in ranks):
+                if not await self.wait_exited(RANK_EXIT_GRACE) and self.state in (RunnerState.STARTING,
+                                                                                   RunnerState.READY):
+                    self.kill_now("a rank of the distributed runner exited")
+                return
+            await asyncio.sleep(0.25)
+
+    async def _watch(self) -> None:
+        ranks = asyncio.create_task(self._watch_ranks())
+        try:
+            await super()._watch()
+        finally:
+            ranks.cancel()
+        # mlx.launch has gone: nothing of its group may outlive it (a rank stuck in a collective)
+        self._signal(signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.hostfile_path.unlink()
+
+    async def _stop(self) -> None:
+        # the local ranks are the launcher's children: stopped means they are gone too
+        members = await asyncio.to_thread(_group_members, self.pid) if self.spawned else []
+        await super()._stop()
+        if members:
+            await asyncio.to_thread(_wait_gone, members, REAP_WAIT)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != pgid and os.getpgid(p.pid) == pgid:
+                found.append(p)
+    return found
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each one has exited (a zombie counts: its parent, gone, no longer reaps it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive:
+            return
+        procs = alive
+        time.sleep(0.02)

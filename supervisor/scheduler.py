@@ -49,6 +49,11 @@ starts; a request for a draining model queues behind the model that waits for
 it, so nobody starves. Slow work (manifest reads, /status, loads, stops) runs
 in tasks that post their result back, so the dispatcher never blocks. Settings
 is read at each decision (PATCH /api/settings).
+
+Several hosts (the hosts setting): the policy may place a model on k hosts; the
+entry then holds one DistributedRunner (ranks under mlx.launch, one per host),
+its footprint is what it holds on each of those hosts, and eviction or a rank's
+death ends the whole runner, like any other.
 """
 
 from __future__ import annotations
@@ -67,9 +72,9 @@ from typing import Any, Protocol
 
 from corral.runner.protocol import RunnerRequest
 from corral.supervisor import policy
-from corral.supervisor.config import Settings, default_context_length
+from corral.supervisor.config import HostSpec, Settings, default_context_length
 from corral.supervisor.errors import Busy, CorralError, InsufficientMemory, RunnerFailed
-from corral.supervisor.manifest import Manifest
+from corral.supervisor.manifest import KIND_EMBEDDING, Manifest
 from corral.supervisor.memory import (
     DeviceMemoryProbe,
     MemoryProbe,
@@ -80,6 +85,7 @@ from corral.supervisor.memory import (
 )
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.process import (
+    DistributedRunner,
     RunnerProcess,
     RunnerState,
     StandbyFactory,
@@ -162,6 +168,7 @@ class RunnerSpec:
     num_ctx: int
     num_parallel: int
     env: dict[str, str] = field(default_factory=dict)  # runner settings (runner_env)
+    hosts: tuple[HostSpec, ...] = ()  # more than one: a distributed runner, a rank on each
 
 
 class RunnerFactory(Protocol):
@@ -197,6 +204,9 @@ EstimateFn = Callable[..., NeedEstimate]
 
 
 def default_runner_factory(spec: RunnerSpec) -> RunnerProcess:
+    if len(spec.hosts) > 1:
+        return DistributedRunner(spec.name, spec.model_dir, hosts=spec.hosts, home=spec.home,
+                                 num_ctx=spec.num_ctx, num_parallel=spec.num_parallel, env=spec.env)
     return RunnerProcess(spec.name, spec.model_dir, home=spec.home, num_ctx=spec.num_ctx,
                          num_parallel=spec.num_parallel, env=spec.env)
 
@@ -235,6 +245,8 @@ class LoadedModel:
     active: int  # requests in flight
     pinned: bool
     prompt_cache: dict[str, Any] = field(default_factory=dict)  # the runner's /status "prompt_cache"
+    hosts: tuple[str, ...] = ()  # a distributed model: the hosts of its ranks (rank i on hosts[i])
+    ranks: tuple[dict[str, Any], ...] = ()  # and each rank's /status report (rank, pid, host, memory)
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,7 @@ class _Entry:
     draining: bool = False
     unload_when_idle: bool = False
     timer: TimerHandle | None = None
+    hosts: tuple[int, ...] = (0,)  # indexes into settings.hosts; estimate is per host
     timer_gen: int = 0  # which timer is current: a stale TimerExpired carries an older one
     on_stopped: list[asyncio.Future[bool]] = field(default_factory=list)  # unload() callers
     load_started: float = field(default_factory=time.monotonic)  # for the load-seconds metric
@@ -297,7 +310,10 @@ class _Entry:
 
     @property
     def footprint(self) -> int:
-        return footprint(self.estimate, self.status)
+        """On each of its hosts: the largest rank's, for a distributed model."""
+        ranks = (self.status.get("distributed") or {}).get("ranks") or []
+        return max([footprint(self.estimate, self.status),
+                    *(footprint(self.estimate, r) for r in ranks if isinstance(r, dict))])
 
     @property
     def leasable(self) -> bool:
@@ -681,8 +697,18 @@ class Scheduler:
                 size=size, size_vram=0 if device == "cpu" else size, context_length=e.context_length,
                 num_parallel=e.num_parallel, expires_at=expires, active=e.active, pinned=pinned,
                 prompt_cache=dict(e.status.get("prompt_cache") or {}),
+                **self._spread(e),
             ))
         return rows
+
+    def _spread(self, e: _Entry) -> dict[str, Any]:
+        """A distributed model's hosts and ranks for /api/ps (nothing for one on this machine)."""
+        if len(e.hosts) < 2:
+            return {}
+        hosts = self.settings.hosts
+        ranks = (e.status.get("distributed") or {}).get("ranks") or []
+        return {"hosts": tuple(hosts[i].ip if i < len(hosts) else "?" for i in e.hosts),
+                "ranks": tuple(dict(r) for r in ranks if isinstance(r, dict))}
 
     def queue_depth(self) -> int:
         """Requests waiting for a model now (for /metrics)."""
@@ -774,25 +800,36 @@ class Scheduler:
             return int(self.settings.memory_limit), "memory_limit setting"
         return self.probe.limit()
 
-    def _snapshot(self, head: _Ticket, need: int) -> policy.Snapshot:
+    def _snapshot(self, head: _Ticket, need: int, shape: policy.Shape | None = None) -> policy.Snapshot:
         s = self.settings
         limit, _ = self.memory_limit()
+        hosts = self._hosts(int(limit))
         return policy.Snapshot(
             loaded=tuple(self._resident(e) for e in self._table.values()), name=head.key, need=need,
-            limit=int(limit), available=int(self.probe.available()), reserve=int(s.reserve),
-            max_loaded_models=int(s.max_loaded_models or 0), single_model=bool(s.single_model),
-            label=head.ref.name,
+            limit=hosts[0].limit if hosts else int(limit), available=int(self.probe.available()),
+            reserve=int(s.reserve), max_loaded_models=int(s.max_loaded_models or 0),
+            single_model=bool(s.single_model), label=head.ref.name, hosts=hosts, shape=shape,
+            shards=stored_shards(head.ref),
         )
+
+    def _hosts(self, limit: int) -> tuple[policy.Host, ...]:
+        """The hosts setting with limits: host 0's is the lower of its own and memory_limit;
+        a host without one gets host 0's."""
+        hosts = self.settings.hosts
+        if len(hosts) < 2:
+            return ()
+        first = min(limit, hosts[0].memory_limit or limit)
+        return tuple(policy.Host(h.ip, first if i == 0 else (h.memory_limit or first)) for i, h in enumerate(hosts))
 
     def _resident(self, e: _Entry) -> policy.Resident:
         if e.phase is _Phase.LOADING:  # busy until loaded: never an idle victim
             return policy.Resident(name=e.key, footprint=e.footprint, active=max(1, e.active + len(e.waiters)),
-                                   last_used=e.last_used, pinned=self._is_pinned(e.key), draining=e.draining)
+                                   last_used=e.last_used, pinned=self._is_pinned(e.key), draining=e.draining, hosts=e.hosts)
         if e.phase is _Phase.STOPPING:  # on its way out: an idle victim already chosen
             return policy.Resident(name=e.key, footprint=e.footprint, active=0, last_used=e.last_used,
-                                   pinned=False, draining=True)
+                                   pinned=False, draining=True, hosts=e.hosts)
         return policy.Resident(name=e.key, footprint=e.footprint, active=e.active, last_used=e.last_used,
-                               pinned=self._is_pinned(e.key), draining=e.draining)
+                               pinned=self._is_pinned(e.key), draining=e.draining, hosts=e.hosts)
 
     def _stale(self) -> list[_Entry]:
         now = time.monotonic()
@@ -1182,7 +1219,9 @@ class Scheduler:
             self._fail_all(head.key, e if isinstance(e, CorralError)
                            else RunnerFailed(f"cannot read model '{head.ref.name}': {e}"))
             return True
-        decision = policy.decide(self._snapshot(head, need))
+        shape = None if manifest.kind == KIND_EMBEDDING else policy.Shape(
+            int(estimate.weights), int(estimate.kv), int(estimate.overhead))
+        decision = policy.decide(self._snapshot(head, need, shape))
         if decision.verdict is policy.Verdict.NEVER:
             self._fail_all(head.key, InsufficientMemory(decision.message))
             return True
@@ -1202,15 +1241,18 @@ class Scheduler:
                 self._begin_stop(v, "single-model" if self.settings.single_model else "memory")
             return False
         self._clear_draining(())
-        self._start_load(head, manifest, num_ctx, num_parallel, estimate)
+        if len(decision.hosts) > 1:
+            self._start_load(head, manifest, num_ctx, num_parallel, estimate, decision.per_host, decision.hosts)
+        else:
+            self._start_load(head, manifest, num_ctx, num_parallel, estimate, need)
         return True
 
     def _start_load(self, head: _Ticket, manifest: Manifest, num_ctx: int, num_parallel: int,
-                    estimate: NeedEstimate) -> None:
-        need = int(estimate.total)
+                    estimate: NeedEstimate, need: int, hosts: tuple[int, ...] = (0,)) -> None:
         ref = head.ref
         spec = RunnerSpec(ref.name, ref.path, Path(self.settings.home), num_ctx, num_parallel,
-                          env=runner_env(self.settings, ref.path))
+                          env=runner_env(self.settings, ref.path),
+                          hosts=tuple(self.settings.hosts[i] for i in hosts) if len(hosts) > 1 else ())
         try:
             process = self.runner_factory(spec)
         except Exception as e:
@@ -1218,7 +1260,7 @@ class Scheduler:
             return
         entry = _Entry(key=head.key, ref=ref, manifest=manifest, process=process, estimate=need,
                        context_length=num_ctx, num_parallel=num_parallel, last_used=self.clock(),
-                       need=estimate if isinstance(estimate, NeedEstimate) else None)
+                       need=estimate if isinstance(estimate, NeedEstimate) else None, hosts=hosts)
         entry.waiters = self._take_tickets(head.key, num_ctx, manifest)
         self._table[head.key] = entry
         self.loads += 1
@@ -1235,6 +1277,12 @@ def _parts(e: _Entry) -> dict[str, int]:
         return {"weights": 0, "kv": 0, "prompt_cache": 0, "overhead": total}
     known = {"weights": int(need.weights), "kv": int(need.kv), "prompt_cache": int(need.prompt_cache)}
     return {**known, "overhead": max(0, total - sum(known.values()))}
+
+
+def stored_shards(ref: ModelRef) -> int:
+    """The rank count pinned with the model (`corral create --shards`, PARAMETER num_shards); 0: none."""
+    value = ref.defaults.parameters.get("num_shards")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _answer(fut: asyncio.Future[Any], value: Any) -> None:

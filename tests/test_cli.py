@@ -483,3 +483,13 @@ def test_interactive_ctrl_c_stops_answer_not_session_and_ctrl_d_leaves(term: Ter
     term.expect(">>> ")
     term.send("\x04")  # Ctrl-D at the prompt leaves
     assert term.wait() == 0
+
+
+def test_create_with_shards_pins_the_rank_count(server: ServerProcess, tiny_model: Path) -> None:
+    ok = corral(server, "create", "sharded", "--from", str(tiny_model), "--shards", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert "num_shards" in corral(server, "show", "sharded", "--parameters").stdout
+    # this server has no hosts setting: 2 ranks fit nowhere, a clear error rather than one rank
+    run = corral(server, "run", "sharded", "Hi")
+    assert run.returncode == 1 and "pinned to 2 shards" in run.stderr
+    assert corral(server, "rm", "sharded").returncode == 0

@@ -24,6 +24,7 @@ from corral.supervisor.cli_client import ClientError, base_url
 from corral.supervisor.config import (
     RUNTIME_MUTABLE,
     SETTINGS,
+    HostSpec,
     Setting,
     Settings,
     apply_patch,
@@ -66,6 +67,11 @@ CASES: list[tuple[str, str, list[str], str, str, Any, Any, Any, Any]] = [
     ("host", "port", ["--host", "0.0.0.0:9000"], "127.0.0.1:9001", 'host = "127.0.0.1:9002"', 9000, 9001, 9002, 11434),
     ("prompt_cache", "prompt_cache", ["--prompt-cache", "1GiB"], "10%", 'prompt_cache = "0"', "1GiB", "10%", "0", "25%"),
     ("kv_disk", "kv_disk", ["--kv-disk", "1KiB"], "2KiB", 'kv_disk = "0"', 1024, 2048, 0, 4 * 1024**3),
+    ("hosts", "hosts", ["--hosts", "127.0.0.1,10.0.0.2=1KiB"], "127.0.0.1,10.0.0.3",
+     'hosts = ["127.0.0.1", "10.0.0.4=2KiB"]',
+     [HostSpec("127.0.0.1", "127.0.0.1"), HostSpec("10.0.0.2", "10.0.0.2", 1024)],
+     [HostSpec("127.0.0.1", "127.0.0.1"), HostSpec("10.0.0.3", "10.0.0.3")],
+     [HostSpec("127.0.0.1", "127.0.0.1"), HostSpec("10.0.0.4", "10.0.0.4", 2048)], []),
 ]
 
 
@@ -252,7 +258,7 @@ def test_api_settings_json_of_the_defaults() -> None:
         "header_timeout": 30.0, "body_timeout": 60.0,
         "api_key_set": False, "api_key_file": None, "origins": [], "allowed_hosts": [],
         "models_dirs": [], "allow_pull": None, "default_model": None, "runner_ports": None,
-        "reserve": 512 * 1024**2, "prompt_cache": "25%", "kv_disk": 4 * 1024**3,
+        "reserve": 512 * 1024**2, "prompt_cache": "25%", "kv_disk": 4 * 1024**3, "hosts": [],
     }
     ports = Settings(runner_ports=(40000, 40999))
     assert settings_to_json(ports)["runner_ports"] == "40000-40999"

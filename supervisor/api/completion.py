@@ -128,7 +128,7 @@ def apply_model_defaults(request: CompletionRequest, defaults: ModelDefaults) ->
     runner = request.runner
     options = dict(runner.options)
     for name, value in defaults.parameters.items():
-        if name != "num_ctx" and name not in request.options_set:
+        if name not in ("num_ctx", "num_shards") and name not in request.options_set:  # load-time ones
             options[name] = value
     messages = runner.messages
     if messages is not None:

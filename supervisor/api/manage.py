@@ -74,6 +74,8 @@ async def pull(request: Request) -> Response:
 
 
 MAX_NUM_CTX = 10_000_000
+MAX_SHARDS = 64
+LOAD_PARAMETERS = ("num_ctx", "num_shards")  # parameters that shape the load, not sampling
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 # Ollama /api/create fields corral cannot honour: a 400, never a silent success.
 REFUSED_CREATE_FIELDS = {
@@ -96,18 +98,24 @@ def create_parameters(raw: Any) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise BadRequest("'parameters' must be an object of option names to values", param="parameters")
-    unknown = sorted(k for k in raw if k not in OPTION_NAMES and k != "num_ctx")
+    unknown = sorted(k for k in raw if k not in OPTION_NAMES and k not in LOAD_PARAMETERS)
     if unknown:
         raise BadRequest(f"parameter '{unknown[0]}' is not supported by corral (supported: "
-                         f"{', '.join(sorted([*OPTION_NAMES, 'num_ctx']))})", param="parameters")
+                         f"{', '.join(sorted([*OPTION_NAMES, *LOAD_PARAMETERS]))})", param="parameters")
     out: dict[str, Any] = {}
+    shards = raw.get("num_shards")
+    if shards is not None:  # how many ranks (hosts) the model runs as; see the hosts setting
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise BadRequest(f"parameter 'num_shards' must be an integer between 1 and {MAX_SHARDS}",
+                             param="parameters")
+        out["num_shards"] = shards
     num_ctx = raw.get("num_ctx")
     if num_ctx is not None:
         if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or not 1 <= num_ctx <= MAX_NUM_CTX:
             raise BadRequest(f"parameter 'num_ctx' must be an integer between 1 and {MAX_NUM_CTX}",
                              param="parameters")
         out["num_ctx"] = num_ctx
-    options = {k: v for k, v in raw.items() if k != "num_ctx" and v is not None}
+    options = {k: v for k, v in raw.items() if k not in LOAD_PARAMETERS and v is not None}
     try:
         wire = options_to_wire(parse_options(options))
     except OptionError as e:

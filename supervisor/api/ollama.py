@@ -413,6 +413,8 @@ def ps_row(m: LoadedModel) -> dict[str, Any]:
         "num_parallel": m.num_parallel,
         # the runner's prompt cache: hits, bytes in memory and on disk (its last /status)
         "prompt_cache": m.prompt_cache,
+        # a model spread across hosts: where its ranks run and what each one holds
+        **({"hosts": list(m.hosts), "ranks": list(m.ranks)} if m.hosts else {}),
     }
 
 
