@@ -42,7 +42,7 @@ class Level:
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
-    cpu: tuple[float, float] = (0.0, 0.0)  # seconds: supervisor, runners
+    cpu: tuple[float, float, float] = (0.0, 0.0, 0.0)  # seconds: supervisor, runners, the clients
 
     def row(self) -> str:
         ok = sorted(self.latencies)
@@ -51,12 +51,14 @@ class Level:
         kinds = ", ".join(f"{k} x{n}" for k, n in self.errors.items())
         per = 1000 / max(1, len(ok))
         return (f"{self.clients:7d} {len(ok) / self.elapsed:9.1f} {p50:9.1f} {p99:9.1f} "
-                f"{sum(self.errors.values()):7d} {self.cpu[0] * per:10.2f} {self.cpu[1] * per:10.2f}"
+                f"{sum(self.errors.values()):7d} {self.cpu[0] * per:10.2f} {self.cpu[1] * per:10.2f} "
+                f"{self.cpu[2] * per:10.2f}"
                 + (f"  ({kinds})" if kinds else ""))
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """CPU time so far of the supervisor (this script's child) and of its runners."""
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU time so far of the supervisor (this script's child), of its runners, and of
+    this script (the clients: on a 2-core box their CPU is taken from the server's)."""
     sup = run = 0.0
     for child in psutil.Process().children():
         try:
@@ -67,7 +69,8 @@ def cpu_seconds() -> tuple[float, float]:
                 run += rt.user + rt.system
         except psutil.NoSuchProcess:
             continue
-    return sup, run
+    me = psutil.Process().cpu_times()
+    return sup, run, me.user + me.system
 
 
 async def one_client(url: str, requests: int, level: Level, start: asyncio.Event) -> None:
@@ -97,7 +100,7 @@ async def run_level(url: str, clients: int, total: int) -> Level:
     await asyncio.gather(*tasks)
     level.elapsed = time.perf_counter() - t0
     cpu1 = cpu_seconds()
-    level.cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+    level.cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2])
     return level
 
 
@@ -105,7 +108,7 @@ async def run(url: str, levels: list[int], total: int) -> None:
     await ollama.AsyncClient(host=url).generate(model=MODEL, prompt=PROMPT, raw=True,
                                                 options={"num_predict": 1})  # load + warm
     print(f"{'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} "
-          f"{'sup cpu ms':>10} {'run cpu ms':>10}  (CPU per request)")
+          f"{'sup cpu ms':>10} {'run cpu ms':>10} {'cli cpu ms':>10}  (CPU per request)")
     for clients in levels:
         print((await run_level(url, clients, max(total, 2 * clients))).row(), flush=True)
 
