@@ -44,7 +44,7 @@ import mlx.nn as nn
 import numpy as np
 from corral.runner import encoders
 from corral.runner.embed_spec import EMBED_BATCH_TOKENS, EMBED_MAX_BATCH, EmbedSpec
-from mlx.utils import tree_flatten
+from corral.runner.encoders.common import load_weights
 from tokenizers import Tokenizer
 
 log = logging.getLogger("runner")
@@ -212,14 +212,7 @@ def load_encoder(model_dir: Path, config: dict[str, Any]) -> encoders.Encoder:
     weights: dict[str, mx.array] = {}
     for path in sorted(model_dir.glob("model*.safetensors")):
         weights.update(mx.load(str(path)))  # type: ignore[arg-type]
-    weights = hf_to_encoder_names(weights)
-    wanted = {str(item[0]) for item in tree_flatten(model.parameters())}
-    missing = sorted(wanted - weights.keys())
-    if missing:
-        raise ValueError(f"weights lack {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    model.load_weights([(k, v) for k, v in weights.items() if k in wanted], strict=True)
-    model.eval()
-    mx.eval(model.parameters())
+    load_weights(model, hf_to_encoder_names(weights))
     return model
 
 
