@@ -139,3 +139,48 @@ def test_num_shards_is_a_load_parameter() -> None:
     for bad in (0, 65, "2", True):
         with pytest.raises(BadRequest, match="num_shards"):
             create_parameters({"num_shards": bad})
+
+
+def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from corral.supervisor import cli
+    from corral.supervisor.api.ollama import ps_row
+    from corral.supervisor.scheduler import LoadedModel
+
+    from tests.support.fake_scheduler import FakeStore, fake_manifest
+
+    ref = FakeStore.with_models("org/big", "org/small").list()
+    ranks = ({"rank": 0, "host": "127.0.0.1", "pid": 11, "memory": {"rss": 5}},
+             {"rank": 1, "host": "10.0.0.2", "pid": 12, "memory": {"rss": 6}})
+
+    def loaded(r: Any, **extra: Any) -> LoadedModel:
+        return LoadedModel(name=r.name, ref=r, manifest=fake_manifest(), pid=11, state="ready", size=10,
+                           size_vram=0, context_length=2048, num_parallel=1, expires_at=None, active=0,
+                           pinned=False, **extra)
+
+    spread = ps_row(loaded(ref[0], hosts=("127.0.0.1", "10.0.0.2"), ranks=ranks))
+    single = ps_row(loaded(ref[1]))
+    assert spread["hosts"] == ["127.0.0.1", "10.0.0.2"] and spread["ranks"] == list(ranks)
+    assert "hosts" not in single and "ranks" not in single  # Ollama's shape for ordinary models
+
+    class Client:
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def ps(self) -> list[dict[str, Any]]:
+            return rows
+
+    rows = [spread, single]
+    monkeypatch.setattr(cli, "_client", lambda args: Client())
+    assert cli.cmd_ps(argparse.Namespace()) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-1] == "HOSTS"
+    assert out[1].split()[-1] == "127.0.0.1,10.0.0.2"
+    rows = [single]
+    cli.cmd_ps(argparse.Namespace())
+    assert "HOSTS" not in capsys.readouterr().out
