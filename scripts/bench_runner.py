@@ -118,19 +118,29 @@ def local_single(model: Any, tok: Any, n: int) -> tuple[float, float]:
     return (count - 1) / (end - first), count / (end - t0)
 
 
-def local_aggregate(model: Any, tok: Any, k: int, n: int) -> float:
+def local_aggregate(model: Any, tok: Any, k: int, n: int, *, text: bool = False) -> float:
+    """Aggregate tokens/s of k sequences in one BatchGenerator in this process. With
+    text, each sequence's tokens also go through a streaming detokenizer, as any
+    server (this one, mlx_lm.server) must do to send text: the bare figure is the
+    target's baseline, this one shows how much of a gap is making text."""
     from mlx_lm.generate import BatchGenerator
 
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tok.eos_token_ids],
                          completion_batch_size=k, prefill_batch_size=k)
     prompts = [tok.encode(p) for p in PROMPTS[:k]]
     t0 = time.perf_counter()
-    gen.insert(prompts, max_tokens=[n] * k)
+    uids = gen.insert(prompts, max_tokens=[n] * k)
+    detok = {uid: tok.detokenizer for uid in uids} if text else {}
+    for d in detok.values():
+        d.reset()
     total, left = 0, k
     while left:
         for r in gen.next_generated():
             if r.token not in tok.eos_token_ids:
                 total += 1
+                if text:
+                    detok[r.uid].add_token(r.token)
+                    _ = detok[r.uid].last_segment
             if r.finish_reason is not None:
                 left -= 1
     elapsed = time.perf_counter() - t0

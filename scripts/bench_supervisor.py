@@ -282,7 +282,7 @@ def http_aggregate(url: str, model: str, k: int, tokens: int) -> tuple[float, in
 
 def concurrent_streams(url: str, model: str, local: InProcess, tokens: int, runs: int) -> None:
     for k, target in ((4, 0.90), (8, 0.85)):
-        ours, base = [], []
+        ours, base, with_text = [], [], []
         cpu = [0.0, 0.0, 0.0]
         made = 0
         for _ in range(runs):
@@ -293,8 +293,10 @@ def concurrent_streams(url: str, model: str, local: InProcess, tokens: int, runs
             ours.append(rate)
             made += n
             base.append(local_aggregate(local.model, local.tok, k, tokens))
+            with_text.append(local_aggregate(local.model, local.tok, k, tokens, text=True))
         ratio_rows(f"   {k} streams aggregate", tokens, runs,
-                   [("in-process BatchGenerator", base), ("/api/generate x" + str(k), ours)])
+                   [("in-process BatchGenerator", base), ("/api/generate x" + str(k), ours),
+                    ("in-process, detokenizing", with_text)])
         print(f"            target >= {target:.2f}")
         print(cpu_line((0.0, 0.0, 0.0), (cpu[0], cpu[1], cpu[2]), made))
 
