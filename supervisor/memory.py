@@ -12,7 +12,10 @@ need(model) = weights + kv + prompt_cache + overhead         (all in bytes)
                allocator's pools). Measured: 77 MiB RSS after importing
                mlx_lm and loading the tiny model, +7 MiB for starlette,
                uvicorn and httpx, +12 MiB after the first batched generation;
-               110 MiB leaves room for the runner's threads and buffers.
+               the runner's later features (grammar, prompt cache, encoders,
+               device reports) added more: a tiny model's runner with a full
+               3 MiB prompt cache peaked at 126 MiB, 121 of it runtime.
+               118 MiB, with kv_slack and the decode term, covers that.
     kv_slack = kv_bytes_per_token x num_parallel x KV_STEP: mlx_lm grows
                each cache in steps of 256 tokens, so a sequence can hold up
                to one step more than num_ctx.
@@ -50,14 +53,14 @@ mlx_lm, then BatchGenerator decoding num_parallel sequences whose prompt +
 output fill num_ctx exactly, each row in a fresh process):
 
     model (weights)               ctx  par  baseline  peak RSS   estimate  est/peak
-    tiny  h64  L2 f32  (0.6 MB)   256   4   78.4 MiB   91.2 MiB  122.5 MiB  1.34
-    q4    h128 L2 4bit (0.35 MB)  256   4   78.3 MiB   97.6 MiB  128.9 MiB  1.32
-    big   h256 L4 f32  (11.5 MB)  256   4   88.8 MiB  123.9 MiB  168.8 MiB  1.36
-    big                          2048   4   88.8 MiB  532.6 MiB  707.8 MiB  1.33
-    tiny                         4096   2   78.2 MiB  379.7 MiB  463.2 MiB  1.22
-    tiny                         8192   1   78.3 MiB  373.4 MiB  456.0 MiB  1.22
-    tiny                        20000   1   78.1 MiB  737.4 MiB  943.2 MiB  1.28
-    q4                          20000   1   78.2 MiB  795.4 MiB  994.1 MiB  1.25
+    tiny  h64  L2 f32  (0.6 MB)   256   4   78.4 MiB   91.2 MiB  130.5 MiB  1.43
+    q4    h128 L2 4bit (0.35 MB)  256   4   78.3 MiB   97.6 MiB  136.9 MiB  1.40
+    big   h256 L4 f32  (11.5 MB)  256   4   88.8 MiB  123.9 MiB  176.8 MiB  1.43
+    big                          2048   4   88.8 MiB  532.6 MiB  715.8 MiB  1.34
+    tiny                         4096   2   78.2 MiB  379.7 MiB  471.2 MiB  1.24
+    tiny                         8192   1   78.3 MiB  373.4 MiB  464.0 MiB  1.24
+    tiny                        20000   1   78.1 MiB  737.4 MiB  951.2 MiB  1.29
+    q4                          20000   1   78.2 MiB  795.4 MiB  1002.1 MiB  1.26
 
 ("baseline" = RSS right after loading, which includes the weights.)
 
@@ -66,13 +69,13 @@ The same through the real runner (python -m corral.runner --num-ctx C
 then GET /status memory.peak_rss; estimates by the formula above):
 
     model   ctx  par  peak RSS   estimate   est/peak
-    tiny    256   4    91.2 MiB  122.5 MiB  1.34
-    q4      256   4   103.7 MiB  128.9 MiB  1.24
-    big     256   4   135.3 MiB  168.8 MiB  1.25
-    big    1024   4   284.8 MiB  339.8 MiB  1.19
-    big    2048   1   221.6 MiB  269.8 MiB  1.22
-    big    2048   4   497.8 MiB  707.8 MiB  1.42
-    tiny   4096   2   394.5 MiB  463.2 MiB  1.17   (prefill in 2048-token chunks)
+    tiny    256   4    91.2 MiB  130.5 MiB  1.43
+    q4      256   4   103.7 MiB  136.9 MiB  1.32
+    big     256   4   135.3 MiB  176.8 MiB  1.31
+    big    1024   4   284.8 MiB  347.8 MiB  1.22
+    big    2048   1   221.6 MiB  277.8 MiB  1.25
+    big    2048   4   497.8 MiB  715.8 MiB  1.44
+    tiny   4096   2   394.5 MiB  471.2 MiB  1.19   (prefill in 2048-token chunks)
 
 On Metal and CUDA the scores term is left out; there is no such machine here
 to measure, and what remains are buffers every backend allocates.
@@ -96,7 +99,7 @@ from corral.runner.protocol import DEFAULT_PROMPT_CACHE, prompt_cache_budget
 from corral.supervisor.manifest import Manifest
 
 MiB = 1024 * 1024
-RUNTIME_BYTES = 110 * MiB
+RUNTIME_BYTES = 118 * MiB
 KV_STEP = 256  # mlx_lm.models.cache.KVCache.step
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
