@@ -142,7 +142,7 @@ def test_num_shards_is_a_load_parameter() -> None:
 
 
 def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
     import argparse
 
     from corral.supervisor import cli
@@ -178,9 +178,9 @@ def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.Mon
     rows = [spread, single]
     monkeypatch.setattr(cli, "_client", lambda args: Client())
     assert cli.cmd_ps(argparse.Namespace()) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = capfd.readouterr().out.splitlines()  # fd level: the CLI may hold an earlier sys.stdout
     assert out[0].split()[-1] == "HOSTS"
     assert out[1].split()[-1] == "127.0.0.1,10.0.0.2"
     rows = [single]
     cli.cmd_ps(argparse.Namespace())
-    assert "HOSTS" not in capsys.readouterr().out
+    assert "HOSTS" not in capfd.readouterr().out
