@@ -141,8 +141,7 @@ def test_num_shards_is_a_load_parameter() -> None:
             create_parameters({"num_shards": bad})
 
 
-def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.MonkeyPatch,
-                                                           capfd: pytest.CaptureFixture[str]) -> None:
+def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     from corral.supervisor import cli
@@ -175,12 +174,13 @@ def test_ps_shows_hosts_and_ranks_of_a_spread_model_only(monkeypatch: pytest.Mon
         def ps(self) -> list[dict[str, Any]]:
             return rows
 
-    rows = [spread, single]
+    tables: list[tuple[list[str], list[list[str]]]] = []
+    monkeypatch.setattr(cli, "print_table", lambda headers, body: tables.append((headers, body)))
     monkeypatch.setattr(cli, "_client", lambda args: Client())
+    rows = [spread, single]
     assert cli.cmd_ps(argparse.Namespace()) == 0
-    out = capfd.readouterr().out.splitlines()  # fd level: the CLI may hold an earlier sys.stdout
-    assert out[0].split()[-1] == "HOSTS"
-    assert out[1].split()[-1] == "127.0.0.1,10.0.0.2"
+    headers, body = tables[-1]
+    assert headers[-1] == "HOSTS" and body[0][-1] == "127.0.0.1,10.0.0.2" and body[1][-1] == ""
     rows = [single]
     cli.cmd_ps(argparse.Namespace())
-    assert "HOSTS" not in capfd.readouterr().out
+    assert "HOSTS" not in tables[-1][0]
