@@ -65,7 +65,8 @@ class Response:
     """One response: `head`, then `chunks()` (the body as it arrives) or `read()`."""
 
     def __init__(self, pool: StreamPool, conn: _Conn, head: Head) -> None:
-        self._pool, self._conn, self.head = pool, conn, head
+        self._pool, self.head = pool, head
+        self._conn: _Conn | None = conn  # None once closed
         self._finished = False
 
     @property
@@ -73,6 +74,8 @@ class Response:
         return self.head.status
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
+        if self._conn is None:
+            raise StreamBroken("response already closed")
         reader = self._conn.reader
         try:
             if not self.head.chunked:
@@ -106,24 +109,13 @@ class Response:
 
     def close(self) -> None:
         """Idempotent: a fully read body gives the connection back, anything else closes it."""
-        conn = self._conn
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
         if self._finished and self.head.keep_alive:
             self._pool.release(conn)
         else:
             conn.close()
-        self._finished = False
-        self._conn = _Closed()
-
-
-class _Closed(_Conn):
-    def __init__(self) -> None:
-        pass
-
-    def usable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 class StreamPool:
