@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from corral.runner.embed_spec import EmbedSpec, EmbedSpecError, embedding_spec
 from corral.runner.lifecycle import die_with_parent, hard_exit_after
 from corral.runner.precheck import ModelDirError, check_model_dir, default_num_ctx
-from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, TOKEN_ENV
+from corral.runner.protocol import DEFAULT_NUM_CTX, DEFAULT_NUM_PARALLEL, SOLO_ENV, TOKEN_ENV
 
 if TYPE_CHECKING:  # heavy imports only after the model dir checks out
     import uvicorn
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         from corral.runner.routes import RunnerApp
 
         cache = prompt_cache.from_env(model, model_dir, num_ctx=num_ctx, num_parallel=args.num_parallel)
-        engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, prompt_cache=cache)
+        engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, prompt_cache=cache,
+                        solo=os.environ.get(SOLO_ENV, "1") != "0")
         app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
     engine.start()
     log.info("loaded %s in %.2fs (num_ctx=%d num_parallel=%d)", model_dir, time.perf_counter() - t0,

@@ -7,7 +7,9 @@ crosses to the event loop in one loop.call_soon_threadsafe: each call wakes
 the event loop through its self-pipe and takes the GIL there, so one per step
 rather than one per token per sequence. Up to num_parallel sequences decode
 together in one mlx_lm BatchGenerator; new ones are admitted between steps,
-the rest wait in FIFO order.
+the rest wait in FIFO order. A sequence that decodes alone does so outside
+the BatchGenerator (runner/solo.py), which costs less per token, and joins
+the batch when a second one arrives.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from corral.runner.logprobs import TokenText
 from corral.runner.prompt_cache import PromptCache
 from corral.runner.protocol import DONE_CANCELLED, DONE_LENGTH, DONE_STOP, SamplingOptions
 from corral.runner.sampling import make_processors, make_sampler
+from corral.runner.solo import Solo
 from corral.runner.stops import StopMatcher
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -87,7 +90,8 @@ def _deliver(events: list[tuple[Sequence, Event]]) -> None:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int,
-                 prompt_cache: PromptCache | None = None, sync: StepSync | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, sync: StepSync | None = None,
+                 solo: bool = True) -> None:
         self.model = model
         self.sync = sync  # distributed: every rank applies the same inbox items at the same step
         self.prompt_cache = prompt_cache
@@ -96,7 +100,12 @@ class Engine:
         self.num_parallel = num_parallel
         self._inbox: queue.Queue[tuple[str, Sequence | None]] = queue.Queue()
         self._waiting: deque[Sequence] = deque()
-        self._active: dict[int, Sequence] = {}
+        self._active: dict[int, Sequence] = {}  # in the BatchGenerator, by uid
+        # A lone sequence decodes outside the BatchGenerator. Not on a
+        # distributed runner: every rank must run the same batch ops in lockstep.
+        self._solo_enabled = solo and sync is None
+        self._solo: Solo | None = None
+        self._solo_seq: Sequence | None = None
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
         self._token_text = TokenText(tokenizer)
@@ -152,7 +161,7 @@ class Engine:
                 pending.append(seq)
         for _ in range(3):  # the generation thread may still touch these; retry a torn read
             try:
-                pending += [*self._active.values(), *self._waiting]
+                pending += self._all_sequences()
                 break
             except RuntimeError:
                 continue
@@ -184,15 +193,19 @@ class Engine:
             if self.prompt_cache is not None:
                 self.prompt_cache.load()  # the disk tier of an earlier run of this model
             while not self._stop.is_set():
-                self._drain_inbox(gen, block=not self._active)
+                self._drain_inbox(gen, block=not self._busy)
+                if self._solo_seq is not None and self._waiting and self.num_parallel > 1:
+                    self._hand_over(gen)
                 self._admit(gen)
-                if self._active:
+                if self._solo_seq is not None:
+                    self._solo_step(gen)
+                elif self._active:
                     self._step(gen)
-                self._flush(force=not self._active)  # about to wait for work: nothing may stay behind
+                self._flush(force=not self._busy)  # about to wait for work: nothing may stay behind
         except Exception as e:  # a dead generation thread must be visible: /health goes 503
             log.exception("generation thread failed")
             self._flush(force=True)
-            for seq in [*self._active.values(), *self._waiting]:
+            for seq in self._all_sequences():
                 seq.emit("error", f"generation failed: {e}")
             self._stop.set()
         finally:
@@ -237,11 +250,25 @@ class Engine:
         elif kind == "stop":  # a distributed follower: the leader has stopped
             self._stop.set()
         elif kind == "cancel_all":
-            for s in [*self._active.values(), *self._waiting]:
+            for s in self._all_sequences():
                 self._finish(gen, s, DONE_CANCELLED)
         self._update_counts()
 
+    @property
+    def _busy(self) -> bool:
+        return bool(self._active) or self._solo_seq is not None
+
+    def _all_sequences(self) -> list[Sequence]:
+        solo = [self._solo_seq] if self._solo_seq is not None else []
+        return [*solo, *self._active.values(), *self._waiting]
+
     def _admit(self, gen: BatchGenerator) -> None:
+        if self._solo_seq is not None:
+            return  # alone until a second sequence arrives (then _hand_over) or it ends
+        if self._solo_enabled and self._waiting and not self._active and (
+                len(self._waiting) == 1 or self.num_parallel == 1):
+            self._start_solo(gen, self._waiting.popleft())
+            return
         batch: list[Sequence] = []
         while self._waiting and len(self._active) + len(batch) < self.num_parallel:
             batch.append(self._waiting.popleft())
@@ -256,12 +283,66 @@ class Engine:
             samplers=[make_sampler(s.options) for s in batch],  # type: ignore[misc]
             logits_processors=[make_processors(s.options, self.num_ctx, s.grammar) for s in batch],
         )
-        now = time.perf_counter()
         for uid, seq in zip(uids, batch, strict=True):
-            seq.uid, seq.admitted = uid, now
-            seq.detok = self.tokenizer.detokenizer
-            seq.stops = StopMatcher(seq.options.stop)
+            self._started(seq)
+            seq.uid = uid
             self._active[uid] = seq
+        self._update_counts()
+
+    def _started(self, seq: Sequence) -> None:
+        seq.admitted = time.perf_counter()
+        seq.detok = self.tokenizer.detokenizer
+        seq.stops = StopMatcher(seq.options.stop)
+
+    # -- a sequence alone ---------------------------------------------------
+
+    def _start_solo(self, gen: BatchGenerator, seq: Sequence) -> None:
+        with mx.stream(gen.stream):
+            cache = self._cached_prefix(gen, seq)
+            self._solo = Solo(self.model, seq.prompt[seq.cached_tokens:], cache=cache,
+                              cached=seq.prompt[:seq.cached_tokens], sampler=make_sampler(seq.options),
+                              processors=make_processors(seq.options, self.num_ctx, seq.grammar),
+                              max_tokens=seq.max_tokens)
+        self._solo_seq = seq
+        self._started(seq)
+        self._update_counts()
+
+    def _solo_step(self, gen: BatchGenerator) -> None:
+        assert self._solo is not None
+        with mx.stream(gen.stream):
+            out = self._solo.advance()  # None: a chunk of the prompt
+        if out is not None:
+            self._solo_token(gen, *out)
+
+    def _solo_token(self, gen: BatchGenerator, token: int, logprobs: mx.array) -> None:
+        seq, solo = self._solo_seq, self._solo
+        assert seq is not None and solo is not None
+        if not seq.first_token:
+            seq.first_token = time.perf_counter()
+        if seq.top_logprobs is not None and token not in self._eos:
+            self._emit(seq, "logprob", self._logprob(token, logprobs, seq.top_logprobs))
+        self._on_token(gen, seq, token, "length" if solo.generated >= solo.max_tokens else None)
+
+    def _hand_over(self, gen: BatchGenerator) -> None:
+        """A second sequence arrived: the lone one joins the BatchGenerator where it
+        stands (its cache, the tokens in it, its sampler and processors with their
+        state), so the batch decodes the tokens it would have decoded alone."""
+        seq, solo = self._solo_seq, self._solo
+        assert seq is not None and solo is not None
+        if solo.in_flight:  # the token being computed is this sequence's next one
+            with mx.stream(gen.stream):
+                self._solo_token(gen, *solo.take_in_flight())
+            if self._solo_seq is None:  # that token ended it
+                return
+        todo, cache, in_cache, left = solo.handover()
+        self._solo = self._solo_seq = None
+        [seq.uid] = gen.insert([todo], max_tokens=[left], caches=[cache], all_tokens=[in_cache],
+                               samplers=[solo.sampler], logits_processors=[solo.processors])  # type: ignore[list-item]
+        self._active[seq.uid] = seq
+        # One step now puts it in the generation batch, so that sequences admitted
+        # next never borrow (and trim) its cache while the generator still holds
+        # the original (_live_prefix).
+        self._step(gen)
         self._update_counts()
 
     def _cached_prefix(self, gen: BatchGenerator, seq: Sequence) -> list[Any] | None:
@@ -353,7 +434,10 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        if seq.uid is not None and seq.uid in self._active:
+        if seq is self._solo_seq and self._solo is not None:
+            self._keep_cache(self._solo.in_cache, self._solo.cache)
+            self._solo = self._solo_seq = None
+        elif seq.uid is not None and seq.uid in self._active:
             del self._active[seq.uid]
             # frees its KV cache slot (a no-op if already done), keeping a copy
             kept = gen.remove([seq.uid], return_prompt_caches=self.prompt_cache is not None)
@@ -389,7 +473,7 @@ class Engine:
         if not self._outbox:
             return
         now = time.perf_counter()
-        if not force and not self._urgent and now - self._flushed_at < stream_interval(len(self._active)):
+        if not force and not self._urgent and now - self._flushed_at < stream_interval(self.active_count):
             return
         self._flushed_at, self._urgent = now, False
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
@@ -408,7 +492,9 @@ class Engine:
     def _fail(self, gen: BatchGenerator, seq: Sequence, message: str) -> None:
         log.error("%s", message)
         seq.finished = True
-        if seq.uid is not None and self._active.pop(seq.uid, None) is not None:
+        if seq is self._solo_seq:
+            self._solo = self._solo_seq = None
+        elif seq.uid is not None and self._active.pop(seq.uid, None) is not None:
             gen.remove([seq.uid])
         self._emit(seq, "error", message)
         self._update_counts()
@@ -428,7 +514,7 @@ class Engine:
         }
 
     def _update_counts(self) -> None:
-        self.active_count = len(self._active)
+        self.active_count = len(self._active) + (self._solo_seq is not None)
         self.queued_count = len(self._waiting)
 
 

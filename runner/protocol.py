@@ -34,6 +34,9 @@ from typing import Any
 TOKEN_ENV = "CORRAL_RUNNER_TOKEN"
 """Environment variable holding the bearer token every runner request must carry."""
 
+SOLO_ENV = "CORRAL_SOLO_DECODE"
+"""Optional: `0` makes a lone sequence decode in the BatchGenerator too (runner/solo.py), for comparing the two."""
+
 PARENT_PID_ENV = "CORRAL_PARENT_PID"
 """Optional: the pid the runner watches; it exits when that process is gone."""
 
