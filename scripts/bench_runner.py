@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 from bench_peer import CLIENT, mlx_lm_server, sse_aggregate, sse_completion
+from corral.runner.protocol import SOLO_ENV
 from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +56,13 @@ def make_model(out: Path, hidden: int, layers: int) -> Path:
     return out
 
 
-def start_runner(model: Path, num_parallel: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_runner(model: Path, num_parallel: int, log: Path,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "corral.runner", "--model", str(model), "--port", str(port),
-                             "--num-parallel", str(num_parallel)], cwd=ROOT, stderr=log.open("wb"))
+                             "--num-parallel", str(num_parallel)], cwd=ROOT, stderr=log.open("wb"),
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -184,6 +187,10 @@ def bench_model(tmp: Path, hidden: int, layers: int, n: int, reps: int, peer: bo
     model_dir = make_model(tmp / f"bench-{hidden}x{layers}", hidden, layers)
     model, tok = load(str(model_dir))[:2]
     proc, url = start_runner(model_dir, max(CONCURRENCY), tmp / f"runner-{hidden}x{layers}.log")
+    # The same runner with a lone sequence decoded in the BatchGenerator too, to
+    # show what the solo path (runner/solo.py) is worth
+    batched, batched_url = start_runner(model_dir, max(CONCURRENCY), tmp / f"runner-{hidden}x{layers}-b.log",
+                                        {SOLO_ENV: "0"})
     with contextlib.ExitStack() as stack:
         peer_url = stack.enter_context(mlx_lm_server(model_dir, tmp / "peer.log")) if peer else None
         try:
@@ -194,6 +201,10 @@ def bench_model(tmp: Path, hidden: int, layers: int, n: int, reps: int, peer: bo
             (h1, hw), (l1, lw) = best_pair(lambda: http_single(url, n), lambda: local_single(model, tok, n), reps)
             print(f"single stream decode: runner HTTP {h1:8.1f} tok/s | mlx_lm.stream_generate "
                   f"{l1:8.1f} tok/s | ratio {h1 / l1:.3f} (target >= 0.95); whole request {hw / lw:.3f}")
+            http_single(batched_url, n)
+            (b1, bw), (l1, lw) = best_pair(lambda: http_single(batched_url, n),
+                                           lambda: local_single(model, tok, n), reps)
+            print(f"  {SOLO_ENV}=0 (batched) {b1:8.1f} tok/s | ratio {b1 / l1:.3f}; whole request {bw / lw:.3f}")
             if peer_url:
                 sse_completion(peer_url, PROMPTS[0], 8)
                 p1, pw = best(lambda: tuple(sse_completion(peer_url, PROMPTS[0], n)[k] for k in ("tps", "whole")),
@@ -209,8 +220,9 @@ def bench_model(tmp: Path, hidden: int, layers: int, n: int, reps: int, peer: bo
                     line += f" | mlx_lm.server {pk:8.1f} tok/s, ratio {pk / lk:.3f}"
                 print(line + ("  (target >= 0.85)" if k == 4 else ""), flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
+            for p in (proc, batched):
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from corral.supervisor.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTLE = 4.0  # seconds: the standby runner's imports finish well within this
+WARM_RUNS = 2  # full-length requests each server gets before it is timed
 PROMPT = "Once upon a time there was a small model that wanted to speak."
 
 
@@ -243,12 +244,17 @@ def ratio_rows(label: str, n: int, runs: int, rows: list[tuple[str, list[float]]
 def decode(url: str, model: str, path: Path, tokens: int, runs: int, peer_log: Path) -> InProcess:
     """One stream: in-process vs /api/generate vs mlx_lm.server, alternating."""
     local = InProcess(path)
-    prompt = local.pick_prompt(tokens)
-    stream_generate_http(url, model, 8)  # load + warm
+    prompt = local.pick_prompt(tokens)  # also warms the in-process side: a dozen full-length runs
+    stream_generate_http(url, model, 8)  # load
+    time.sleep(SETTLE)  # the standby runner started by that load finishes its imports (CPU) first
     base, ours, peer = [], [], []
     cpu, made = [0.0, 0.0, 0.0], 0
     with mlx_lm_server(path, peer_log) as peer_url:
-        sse_completion(peer_url, prompt, 8)
+        # Every side warm alike, with full-length runs: the first long generations
+        # of a process grow MLX's buffer cache and KV cache, which later ones reuse.
+        for _ in range(WARM_RUNS):
+            stream_generate_http(url, model, tokens, prompt)
+            sse_completion(peer_url, prompt, tokens)
         # Alternate the sides so machine noise (large on a shared VM) hits all alike.
         for _ in range(runs):
             _, tps, whole = local.run(prompt, tokens)
@@ -285,6 +291,8 @@ def concurrent_streams(url: str, model: str, local: InProcess, tokens: int, runs
         ours, base, with_text = [], [], []
         cpu = [0.0, 0.0, 0.0]
         made = 0
+        http_aggregate(url, model, k, tokens)  # warm both sides at this batch size
+        local_aggregate(local.model, local.tok, k, tokens)
         for _ in range(runs):
             before = cpu_now(url)
             rate, n = http_aggregate(url, model, k, tokens)
@@ -352,7 +360,8 @@ def main() -> int:
     ap.add_argument("--big-hidden", type=int, default=1024, help="eviction model size")
     ap.add_argument("--big-layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-repeats", type=int, default=6)
+    ap.add_argument("--decode-repeats", type=int, default=10)
+    ap.add_argument("--stream-repeats", type=int, default=5)
     args = ap.parse_args()
     size = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", "8"]
 
@@ -374,7 +383,7 @@ def main() -> int:
             for model, path, n in (("bench/small", small_path, args.small_tokens),
                                    ("bench/a", a_path, args.tokens)):
                 local = decode(url, model, path, n, args.decode_repeats, tmpd / "peer.log")
-                concurrent_streams(url, model, local, n, args.repeats)
+                concurrent_streams(url, model, local, n, args.stream_repeats)
                 if model == "bench/small":
                     latency(url, model, local)
                     unload(url, model)
