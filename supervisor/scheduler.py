@@ -436,10 +436,13 @@ class _StallWatch:
         self._timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.Task[None] | None = None
         self.killed: str | None = None  # why, once it was killed
+        self._task: asyncio.Task[Any] | None = None  # the task waiting for a line: cancelled out of it on a kill
         self._arm(None)
 
     def waiting(self) -> None:
-        self._since, self._awaiting = self._loop.time(), True
+        # The reader's task, at every wait: a stream's first line may be read in
+        # another task than the rest (the handler, then the response's task).
+        self._since, self._awaiting, self._task = self._loop.time(), True, asyncio.current_task()
 
     def got(self) -> None:
         self._awaiting = False
@@ -478,6 +481,14 @@ class _StallWatch:
         self._scheduler.metrics.observe_problem(self._name, "stalled", why)
         self.killed = why
         self._process.kill_now(why)
+        # The kill ends the stream (its connection closes) in any case; the cancel
+        # makes the reader stop now rather than when the exit is noticed.
+        if self._task is not None:
+            self._task.cancel()
+
+    def uncancel(self) -> None:
+        if self._task is not None:
+            self._task.uncancel()
 
 
 class Lease:
@@ -532,6 +543,11 @@ class Lease:
                     event = await stream.__anext__()
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if watch.killed is None:
+                        raise
+                    watch.uncancel()  # the watch's own cancel, to stop waiting on a killed runner
+                    raise RunnerFailed("killed") from None
                 finally:
                     watch.got()
                 yield event
