@@ -19,7 +19,7 @@ Prints ratios, never asserts timings:
 4. switch A -> B in single-model mode: B's first token vs B's own cold start
    (target: within 100 ms).
 
-Usage: python scripts/bench_supervisor.py [--hidden 512 --layers 8 --tokens 128 --small-tokens 256]
+Usage: python scripts/bench_supervisor.py [--hidden 512 --layers 8 --tokens 128 --small-tokens 256] [--small-only]
 """
 
 from __future__ import annotations
@@ -232,13 +232,17 @@ def wait_gone(pid: int, timeout: float = 30) -> float:
 
 
 def ratio_rows(label: str, n: int, runs: int, rows: list[tuple[str, list[float]]]) -> None:
-    """Best and median per side, then each side's ratio to the first (the in-process baseline)."""
-    print(f"\n{label} ({n} tokens, {runs} alternating runs each)   best    median")
+    """Best and median per side, then each side's ratio to the first (the in-process
+    baseline): best to best, median to median, and the median of the ratios of runs
+    made back to back (the machine's speed drifts less within a pair than over a run)."""
+    print(f"\n{label} ({n} tokens, {runs} alternating runs each)   best    median   paired")
     base = rows[0][1]
     for name, vals in rows:
         print(f"            {name:<31}{max(vals):7.1f} {statistics.median(vals):7.1f} tok/s")
     for name, vals in rows[1:]:
-        print(f"            ratio {name:<25}{max(vals) / max(base):7.3f} {statistics.median(vals) / statistics.median(base):7.3f}")
+        paired = statistics.median(v / b for v, b in zip(vals, base, strict=True))
+        print(f"            ratio {name:<25}{max(vals) / max(base):7.3f} "
+              f"{statistics.median(vals) / statistics.median(base):7.3f} {paired:7.3f}")
 
 
 def decode(url: str, model: str, path: Path, tokens: int, runs: int, peer_log: Path) -> InProcess:
@@ -362,6 +366,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-repeats", type=int, default=10)
     ap.add_argument("--stream-repeats", type=int, default=5)
+    ap.add_argument("--small-only", action="store_true",
+                    help="only section 1 on the small model (decode, streams, latency): a few minutes")
     args = ap.parse_args()
     size = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", "8"]
 
@@ -380,14 +386,17 @@ def main() -> int:
 
         # 1. decode rate, concurrency, per-request latency; num_parallel 8 for 8 streams
         with server(tmpd / "home1", cache, CORRAL_NUM_PARALLEL="8") as url:
-            for model, path, n in (("bench/small", small_path, args.small_tokens),
-                                   ("bench/a", a_path, args.tokens)):
+            models = [("bench/small", small_path, args.small_tokens), ("bench/a", a_path, args.tokens)]
+            for model, path, n in models[:1] if args.small_only else models:
                 local = decode(url, model, path, n, args.decode_repeats, tmpd / "peer.log")
-                concurrent_streams(url, model, local, n, args.stream_repeats)
+                # the 512x8 model's runs take ~30 s each: its figures hide per-token costs anyway
+                concurrent_streams(url, model, local, n, args.stream_repeats if model == "bench/small" else args.repeats)
                 if model == "bench/small":
                     latency(url, model, local)
                     unload(url, model)
                 del local
+            if args.small_only:
+                return 0
 
             # 2. cold start
             ours, theirs = [], []

@@ -87,7 +87,8 @@ def human_until(text: str) -> str:
     return f"{human_duration(delta)} from now"
 
 
-def print_table(headers: list[str], rows: list[list[str]], out: TextIO = sys.stdout) -> None:
+def print_table(headers: list[str], rows: list[list[str]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up per call: output capture replaces sys.stdout after import
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     for row in [headers, *rows]:

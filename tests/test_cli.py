@@ -493,3 +493,12 @@ def test_create_with_shards_pins_the_rank_count(server: ServerProcess, tiny_mode
     run = corral(server, "run", "sharded", "Hi")
     assert run.returncode == 1 and "pinned to 2 shards" in run.stderr
     assert corral(server, "rm", "sharded").returncode == 0
+
+
+def test_tables_go_to_the_stdout_of_the_moment(capsys: pytest.CaptureFixture[str]) -> None:
+    """print_table looks sys.stdout up when it prints, not when the module was imported
+    (a redirected or captured stdout must get the table)."""
+    from corral.supervisor import cli
+
+    cli.print_table(["NAME", "SIZE"], [["a", "1 MB"], ["long-name", "2 GB"]])
+    assert capsys.readouterr().out == "NAME         SIZE\na            1 MB\nlong-name    2 GB\n"
