@@ -114,7 +114,8 @@ def test_two_models_with_footprints_summing_to_ps_and_no_console_errors(page: Pa
     # the memory bar holds each model's parts, and the requests table the two generates
     for model in (TINY, TINY_B):
         assert page.page.locator(f'#membar .seg[data-model="{model}"]').count() >= 3
-    assert page.page.locator("#request-rows tr").count() >= 2
+    # a request is recorded as its response ends, so its row may come one update after the model's
+    page.page.wait_for_function("document.querySelectorAll('#request-rows tr').length >= 2", timeout=5000)
     assert page.page.locator("#conn-text").inner_text() == "live"
     page.page.wait_for_function("document.getElementById('log').textContent.length > 0", timeout=5000)
     page.shot("ui-two-models")
