@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -181,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, prompt_cache=cache,
                         solo=os.environ.get(SOLO_ENV, "1") != "0")
         app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
+    # Everything made so far (mlx, transformers, the tokenizer: a few hundred
+    # thousand objects) lives as long as the process: out of the collector's
+    # sight, a full collection while tokens stream scans only what requests made.
+    gc.collect()
+    gc.freeze()
     engine.start()
     log.info("loaded %s in %.2fs (num_ctx=%d num_parallel=%d)", model_dir, time.perf_counter() - t0,
              num_ctx, args.num_parallel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -138,5 +139,10 @@ def run_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info("corral listening on http://%s:%d (home %s)", settings.host, settings.port, settings.home)
+    # What start-up made (starlette, httpx, the app) lives as long as the process:
+    # out of the collector's sight, its rare full collections stop the event loop
+    # (every stream) for much less.
+    gc.collect()
+    gc.freeze()
     server.run(sockets=[sock])
     return 0 if server.started else 1
