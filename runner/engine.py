@@ -104,8 +104,7 @@ class Engine:
         # A lone sequence decodes outside the BatchGenerator. Not on a
         # distributed runner: every rank must run the same batch ops in lockstep.
         self._solo_enabled = solo and sync is None
-        self._solo: Solo | None = None
-        self._solo_seq: Sequence | None = None
+        self._alone: tuple[Sequence, Solo] | None = None  # the sequence decoding alone, and its state
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
         self._token_text = TokenText(tokenizer)
@@ -194,10 +193,10 @@ class Engine:
                 self.prompt_cache.load()  # the disk tier of an earlier run of this model
             while not self._stop.is_set():
                 self._drain_inbox(gen, block=not self._busy)
-                if self._solo_seq is not None and self._waiting and self.num_parallel > 1:
+                if self._alone is not None and self._waiting and self.num_parallel > 1:
                     self._hand_over(gen)
                 self._admit(gen)
-                if self._solo_seq is not None:
+                if self._alone is not None:
                     self._solo_step(gen)
                 elif self._active:
                     self._step(gen)
@@ -256,14 +255,14 @@ class Engine:
 
     @property
     def _busy(self) -> bool:
-        return bool(self._active) or self._solo_seq is not None
+        return bool(self._active) or self._alone is not None
 
     def _all_sequences(self) -> list[Sequence]:
-        solo = [self._solo_seq] if self._solo_seq is not None else []
-        return [*solo, *self._active.values(), *self._waiting]
+        alone = [self._alone[0]] if self._alone is not None else []
+        return [*alone, *self._active.values(), *self._waiting]
 
     def _admit(self, gen: BatchGenerator) -> None:
-        if self._solo_seq is not None:
+        if self._alone is not None:
             return  # alone until a second sequence arrives (then _hand_over) or it ends
         if self._solo_enabled and self._waiting and not self._active and (
                 len(self._waiting) == 1 or self.num_parallel == 1):
@@ -299,24 +298,24 @@ class Engine:
     def _start_solo(self, gen: BatchGenerator, seq: Sequence) -> None:
         with mx.stream(gen.stream):
             cache = self._cached_prefix(gen, seq)
-            self._solo = Solo(self.model, seq.prompt[seq.cached_tokens:], cache=cache,
-                              cached=seq.prompt[:seq.cached_tokens], sampler=make_sampler(seq.options),
-                              processors=make_processors(seq.options, self.num_ctx, seq.grammar),
-                              max_tokens=seq.max_tokens)
-        self._solo_seq = seq
+            solo = Solo(self.model, seq.prompt[seq.cached_tokens:], cache=cache,
+                        cached=seq.prompt[:seq.cached_tokens], sampler=make_sampler(seq.options),
+                        processors=make_processors(seq.options, self.num_ctx, seq.grammar),
+                        max_tokens=seq.max_tokens)
+        self._alone = (seq, solo)
         self._started(seq)
         self._update_counts()
 
     def _solo_step(self, gen: BatchGenerator) -> None:
-        assert self._solo is not None
+        assert self._alone is not None
         with mx.stream(gen.stream):
-            out = self._solo.advance()  # None: a chunk of the prompt
+            out = self._alone[1].advance()  # None: a chunk of the prompt
         if out is not None:
             self._solo_token(gen, *out)
 
     def _solo_token(self, gen: BatchGenerator, token: int, logprobs: mx.array) -> None:
-        seq, solo = self._solo_seq, self._solo
-        assert seq is not None and solo is not None
+        assert self._alone is not None
+        seq, solo = self._alone
         if not seq.first_token:
             seq.first_token = time.perf_counter()
         if seq.top_logprobs is not None and token not in self._eos:
@@ -327,15 +326,15 @@ class Engine:
         """A second sequence arrived: the lone one joins the BatchGenerator where it
         stands (its cache, the tokens in it, its sampler and processors with their
         state), so the batch decodes the tokens it would have decoded alone."""
-        seq, solo = self._solo_seq, self._solo
-        assert seq is not None and solo is not None
+        assert self._alone is not None
+        seq, solo = self._alone
         if solo.in_flight:  # the token being computed is this sequence's next one
             with mx.stream(gen.stream):
                 self._solo_token(gen, *solo.take_in_flight())
-            if self._solo_seq is None:  # that token ended it
+            if self._alone is None:  # that token ended it
                 return
         todo, cache, in_cache, left = solo.handover()
-        self._solo = self._solo_seq = None
+        self._alone = None
         [seq.uid] = gen.insert([todo], max_tokens=[left], caches=[cache], all_tokens=[in_cache],
                                samplers=[solo.sampler], logits_processors=[solo.processors])  # type: ignore[list-item]
         self._active[seq.uid] = seq
@@ -434,9 +433,10 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        if seq is self._solo_seq and self._solo is not None:
-            self._keep_cache(self._solo.in_cache, self._solo.cache)
-            self._solo = self._solo_seq = None
+        if self._alone is not None and seq is self._alone[0]:
+            solo = self._alone[1]
+            self._keep_cache(solo.in_cache, solo.cache)
+            self._alone = None
         elif seq.uid is not None and seq.uid in self._active:
             del self._active[seq.uid]
             # frees its KV cache slot (a no-op if already done), keeping a copy
@@ -492,8 +492,8 @@ class Engine:
     def _fail(self, gen: BatchGenerator, seq: Sequence, message: str) -> None:
         log.error("%s", message)
         seq.finished = True
-        if seq is self._solo_seq:
-            self._solo = self._solo_seq = None
+        if self._alone is not None and seq is self._alone[0]:
+            self._alone = None
         elif seq.uid is not None and self._active.pop(seq.uid, None) is not None:
             gen.remove([seq.uid])
         self._emit(seq, "error", message)
@@ -514,7 +514,7 @@ class Engine:
         }
 
     def _update_counts(self) -> None:
-        self.active_count = len(self._active) + (self._solo_seq is not None)
+        self.active_count = len(self._active) + (self._alone is not None)
         self.queued_count = len(self._waiting)
 
 

@@ -105,8 +105,10 @@ DEVICE_FACTS_WAIT = 30.0
 (its imports take a few seconds; a load would wait for them anyway)."""
 
 STALL_HEALTH_TIMEOUT = 5.0
-STALL_RECHECK = 5.0  # seconds: how often a stream with stall detection off looks whether it was turned on
 """Seconds a silent runner's /health has to answer before it counts as hung."""
+
+STALL_RECHECK = 5.0
+"""Seconds between a stream's looks at stall_timeout while it is 0 (off): it may be turned on at run time."""
 
 
 class Store(Protocol):

@@ -156,13 +156,13 @@ def test_engine_decodes_a_lone_sequence_alone_and_batches_on_arrival(loaded: tup
         try:
             a = submit(e, sequence(tok, PROMPT, SEEDED, 200))
             first = await a.out.get()  # a is decoding, alone
-            assert first[0] == "text" and e._solo_seq is a and e.active_count == 1
+            assert first[0] == "text" and e._alone is not None and e._alone[0] is a and e.active_count == 1
             b = submit(e, sequence(tok, "The quick brown fox", SEEDED, 40))
             (text_b, done_b), (rest_a, done_a) = await asyncio.gather(collect(b), collect(a))
             assert a.uid is not None  # a joined the batch
             assert (first[1] + rest_a, done_b["eval_count"]) == (want_a[0], want_b[1]["eval_count"])
             assert text_b == want_b[0] and done_a["eval_count"] == want_a[1]["eval_count"]
-            assert e.active_count == 0 and e._solo_seq is None and not e._active
+            assert e.active_count == 0 and e._alone is None and not e._active
         finally:
             e.stop()
 
@@ -184,7 +184,7 @@ def test_engine_cancels_a_lone_sequence_and_serves_the_next(loaded: tuple[Any, A
             assert (await a.out.get())[0] == "text"
             e.cancel(a)
             _, done = await collect(a)
-            assert done["done_reason"] == "cancelled" and e._solo_seq is None
+            assert done["done_reason"] == "cancelled" and e._alone is None
             b = sequence(tok, PROMPT, GREEDY, 8)
             e.submit(b)
             _, done = await collect(b)
