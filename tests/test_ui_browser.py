@@ -103,11 +103,16 @@ def ps_sizes(server: ServerProcess) -> dict[str, int]:
     return {m["name"].removesuffix(":latest"): m["size"] for m in models}
 
 
-def test_two_models_with_footprints_summing_to_ps_and_no_console_errors(page: Page, server: ServerProcess) -> None:
+def load_both(page: Page, server: ServerProcess) -> None:
+    """Both test models loaded, each with its row on the page."""
     generate(server, TINY)
     generate(server, TINY_B)
     page.row(TINY).wait_for(timeout=5000)
     page.row(TINY_B).wait_for(timeout=5000)
+
+
+def test_two_models_with_footprints_summing_to_ps_and_no_console_errors(page: Page, server: ServerProcess) -> None:
+    load_both(page, server)
     sizes = ps_sizes(server)
     shown = page.footprints()
     assert shown == sizes and set(shown) == {TINY, TINY_B}
@@ -123,10 +128,7 @@ def test_two_models_with_footprints_summing_to_ps_and_no_console_errors(page: Pa
 
 
 def test_updates_within_2s_when_a_model_is_evicted(page: Page, server: ServerProcess) -> None:
-    generate(server, TINY)
-    generate(server, TINY_B)
-    page.row(TINY).wait_for(timeout=5000)
-    page.row(TINY_B).wait_for(timeout=5000)
+    load_both(page, server)
     sizes = ps_sizes(server)
     with server.client() as c:
         # only one fits from now on: the next load evicts the other one for memory
