@@ -37,7 +37,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -330,7 +330,7 @@ def share_int(group: Any, value: int) -> int:
 
 
 def run(args: argparse.Namespace, model_dir: Path, num_ctx: int,
-        fail: Callable[[str], None], serve: Callable[[RunnerApp, str, int], Coroutine[Any, Any, None]]) -> None:
+        fail: Callable[[str], None], run_server: Callable[[RunnerApp, str, int], None]) -> None:
     """Load this rank's shard and serve (leader) or follow (the others); never returns."""
     from corral.runner.engine import Engine
 
@@ -349,13 +349,13 @@ def run(args: argparse.Namespace, model_dir: Path, num_ctx: int,
     engine = Engine(model, tokenizer, num_ctx=num_ctx, num_parallel=args.num_parallel, sync=sync)
     log.info("rank %d/%d loaded its %s shard of %s", rank, size, mode, model_dir)
     if rank == 0:
-        _lead(args, model_dir, engine, group, mode, serve)
+        _lead(args, model_dir, engine, group, mode, run_server)
     else:
         _follow(engine, group, rank)
 
 
 def _lead(args: argparse.Namespace, model_dir: Path, engine: Engine, group: Any, mode: str,
-          serve: Callable[[RunnerApp, str, int], Coroutine[Any, Any, None]]) -> None:
+          run_server: Callable[[RunnerApp, str, int], None]) -> None:
     from corral.runner.routes import RunnerApp
 
     app = RunnerApp(engine, model_name=args.name or str(model_dir), token=os.environ.get(TOKEN_ENV) or None)
@@ -382,7 +382,7 @@ def _lead(args: argparse.Namespace, model_dir: Path, engine: Engine, group: Any,
 
     app.extra_status = status
     engine.start()
-    asyncio.run(serve(app, args.host, args.port))
+    run_server(app, args.host, args.port)
     engine.stop()
     logging.shutdown()
     os._exit(0)
