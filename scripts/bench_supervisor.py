@@ -110,7 +110,14 @@ def server(home: Path, cache: Path, **env: str) -> Iterator[str]:
                 raise RuntimeError("server did not start; see " + str(home / "bench-server.log"))
             time.sleep(0.05)
         SERVERS[url] = proc.pid
-        yield url
+        try:
+            yield url
+        except Exception:
+            # what the server said is the first thing to read when a request failed
+            log.flush()
+            tail = (home / "bench-server.log").read_text(errors="replace").splitlines()[-40:]
+            print("server log, last lines:", *tail, sep="\n    ", file=sys.stderr)
+            raise
     finally:
         SERVERS.pop(url, None)
         proc.send_signal(signal.SIGTERM)
@@ -246,6 +253,8 @@ def paired_ratio(vals: list[float], base: list[float]) -> tuple[float, float, fl
     (within 0.015 of the table from 5 runs up)."""
     logs = [math.log(v / b) for v, b in zip(vals, base, strict=True)]
     mean = statistics.fmean(logs)
+    if len(logs) < 3:
+        return math.exp(mean), math.nan, math.nan  # too few runs for an interval
     df = len(logs) - 1
     half = (1.96 + 2.5 / df + 3 / df**2) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
@@ -438,12 +447,18 @@ def main() -> int:
             print(f"            ratio corral/fresh-process             {o / t:8.3f}   (target <= 1.0)")
             unload(url, "bench/a")
 
-            # 3. eviction and memory reclaim
-            time.sleep(0.5)
+            # 3. eviction and memory reclaim. One load and unload first: the first
+            # read of the weights fills the page cache, which is not the runner's
+            # memory and does not come back at its eviction. Each load also starts
+            # a new standby runner, measured after it has settled for the same reason.
+            stream_generate_http(url, "bench/big", 1)
+            unload(url, "bench/big")
+            time.sleep(SETTLE)
             before = psutil.virtual_memory().available
             stream_generate_http(url, "bench/big", 4)
             loaded = ps(url)
             pid = int(loaded[0]["pid"])
+            time.sleep(SETTLE)  # the standby the load started grows while it imports: let it finish
             after_load = psutil.virtual_memory().available
             t0 = time.perf_counter()
             unload(url, "bench/big")

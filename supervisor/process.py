@@ -87,7 +87,23 @@ _TRANSITIONS: dict[RunnerState, frozenset[RunnerState]] = {
 
 
 def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> int:
-    """A port free on `host` now: any, or one in the inclusive range `ports` (CORRAL_RUNNER_PORTS)."""
+    """A port free on `host` now: any, or one in the inclusive range `ports` (CORRAL_RUNNER_PORTS).
+    Free now, not later: until its user binds it, any socket may take it (see reserve_port)."""
+    with reserve_port(host, ports) as s:
+        return int(s.getsockname()[1])
+
+
+def reserve_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> socket.socket:
+    """A TCP socket bound to a free port on `host` (any, or one in `ports`), not listening.
+
+    A runner gets it as an inherited fd and listens on it. Picking a port, closing
+    it and passing the number on would leave it unclaimed for as long as a standby
+    waits for its model (minutes): any outgoing connection on the machine may be
+    given it as its local port meanwhile (the supervisor's own /health polls
+    included), and the runner then fails to bind, a load error for the user.
+    Bound but not listening, it refuses connections as a closed port does, so
+    polls before the runner is ready fail at once, as before.
+    """
     if ports is None:
         candidates: Sequence[int] = (0,)
     else:  # from a random point, so runners started together rarely race for one port
@@ -95,12 +111,13 @@ def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> 
         start = secrets.randbelow(len(span))
         candidates = [*span[start:], *span[:start]]
     for port in candidates:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        return s
     raise RunnerFailed(f"no free port for a runner in CORRAL_RUNNER_PORTS {ports[0]}-{ports[1]}"
                        if ports else "no free port for a runner")
 
@@ -116,6 +133,7 @@ def runner_log_path(home: Path, name: str) -> Path:
 
 class RunnerProcess:
     keeps_stdin = False  # give the process a pipe on stdin that stays open (never at EOF)
+    inherits_socket = True  # listens on the socket spawn() reserved (--fd), so its port cannot be taken
 
     def __init__(
         self,
@@ -206,11 +224,12 @@ class RunnerProcess:
 
     # -- start --------------------------------------------------------------
 
-    def argv(self) -> list[str]:
+    def argv(self, fd: int | None = None) -> list[str]:
+        """The command line; fd: the inherited socket it listens on (reserve_port)."""
+        where = ["--host", self.host, "--port", str(self.port), *(["--fd", str(fd)] if fd is not None else [])]
         if self.standby:
-            return [*self.command, "--model", "-", "--host", self.host, "--port", str(self.port),
-                    *self.extra_args]
-        return [*self.command, "--model", str(self.model_dir), "--host", self.host, "--port", str(self.port),
+            return [*self.command, "--model", "-", *where, *self.extra_args]
+        return [*self.command, "--model", str(self.model_dir), *where,
                 "--num-ctx", str(self.num_ctx), "--num-parallel", str(self.num_parallel), *self.extra_args]
 
     @property
@@ -219,18 +238,22 @@ class RunnerProcess:
 
     async def spawn(self) -> None:
         """Start the process (a standby waits for `adopt` + `start`); returns at once."""
-        self.port = free_port(self.host, self.ports)
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env[TOKEN_ENV] = self.token
         env[PARENT_PID_ENV] = str(os.getpid())
         env.update(self.env)
         with contextlib.suppress(OSError):  # a full disk must not stop a runner; its log just drops
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv(), env=env,
-            stdin=asyncio.subprocess.PIPE if self.standby or self.keeps_stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        )
+        # The port stays bound from here until the runner exits: it inherits the
+        # socket and listens on it (reserve_port). Ours closes once it has a copy.
+        with reserve_port(self.host, self.ports) as sock:
+            self.port = int(sock.getsockname()[1])
+            fd = sock.fileno() if self.inherits_socket else None
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv(fd), env=env, pass_fds=() if fd is None else (fd,),
+                stdin=asyncio.subprocess.PIPE if self.standby or self.keeps_stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
         # From here the process exists: whatever fails below, it is watched and reaped.
         self._client = RunnerClient(f"http://{self.host}:{self.port}", self.token, num_parallel=self.num_parallel)
         self._stderr_task = asyncio.create_task(self._pump_stderr())
@@ -608,6 +631,8 @@ class DistributedRunner(RunnerProcess):
     # mlx.launch forwards its stdin to the ranks in a loop that polls it: at EOF
     # (/dev/null) that loop spins a core; an open pipe with nothing in it does not.
     keeps_stdin = True
+    # mlx.launch starts the ranks itself and passes no fds on: rank 0 binds the port.
+    inherits_socket = False
 
     def __init__(self, name: str, model_dir: Path, *, hosts: Sequence[Any], mode: str = "tensor",
                  launch: Sequence[str] = LAUNCH_COMMAND, **kw: Any) -> None:
@@ -624,9 +649,9 @@ class DistributedRunner(RunnerProcess):
     def hostfile_path(self) -> Path:
         return self.home / "hostfiles" / f"{_slug(self.name)}-{self._hostfile_id}.json"
 
-    def argv(self) -> list[str]:
+    def argv(self, fd: int | None = None) -> list[str]:
         return [*self.launch, "--backend", "ring", "--hostfile", str(self.hostfile_path),
-                "--starting-port", str(self.ring_port), "--", *super().argv(), "--distributed", self.mode]
+                "--starting-port", str(self.ring_port), "--", *super().argv(fd), "--distributed", self.mode]
 
     async def spawn(self) -> None:
         self.ring_port = free_port_run(len(self.hosts))

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--fd", type=int, default=None, help="an inherited bound socket to listen on")
     p.add_argument("--num-ctx", type=int, default=4096)
     p.add_argument("--num-parallel", type=int, default=4)
     p.add_argument("--ignore-sigterm", action="store_true")
@@ -174,7 +176,13 @@ def main() -> None:
         threading.Thread(target=watch_parent, args=(int(parent),), daemon=True).start()
 
     state = State(args)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
+    if args.fd is None:
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
+    else:  # as the real runner does: the supervisor bound it (process.reserve_port)
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
+        server.socket.close()
+        server.socket = socket.socket(fileno=args.fd)
+        server.server_activate()
     server.daemon_threads = True
     log(f"fake runner: loading {args.model} on port {args.port}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
@@ -223,3 +224,21 @@ def test_free_port_in_a_range() -> None:
             free_port("127.0.0.1", (busy, busy))
     low = free_port()
     assert low <= free_port("127.0.0.1", (low, low + 5)) <= low + 5
+
+
+async def test_the_port_is_held_from_spawn_on(tmp_path: Path) -> None:
+    # A standby waits minutes for its model before it serves. Its port is bound
+    # from spawn on (the runner inherits the socket), so no other socket on the
+    # machine, an outgoing connection's local port included, can take it
+    # meanwhile and make the load fail.
+    p = fake(tmp_path, "--load-delay", "0.5")
+    await p.spawn()
+    try:
+        with socket.socket() as other, pytest.raises(OSError) as e:
+            other.bind(("127.0.0.1", p.port))  # at once: the child may not even have started Python yet
+        assert e.value.errno == errno.EADDRINUSE
+        await p.start(timeout=60)
+        assert await p.client.tokenize("ab") == [97, 98]  # it listens on the socket it was given
+        assert "--fd" in p.argv(3)
+    finally:
+        await p.stop()
