@@ -427,7 +427,7 @@ def main() -> int:
                 local = decode(url, model, path, n, args.decode_repeats if small else args.repeats * 2,
                                tmpd / "peer.log")
                 concurrent_streams(url, model, local, n, args.stream_repeats if small else args.repeats)
-                if model == "bench/small":
+                if small:
                     latency(url, model, local)
                     unload(url, model)
                 del local
