@@ -74,6 +74,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        if self.parser.should_upgrade() and self._should_upgrade():
+            self._reading = ""  # a WebSocket upgrade: the connection goes to another protocol
+            return
         self._reading = "body"
         self._last_read = time.monotonic()
 
