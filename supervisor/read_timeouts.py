@@ -4,8 +4,8 @@ uvicorn closes idle keep-alive connections (timeout_keep_alive), but a
 connection that is mid-request has no bound: a client that sends half a
 request line, or headers announcing a body it never sends, holds its socket
 and its task forever. uvicorn has no setting for this, so its httptools
-protocol (the C parser: about a third less of this process's CPU per request
-and per streamed line than its h11 one) is subclassed:
+protocol (the C parser: about 20% less of this process's CPU per one-token
+request than its h11 one, in scripts/bench_load.py) is subclassed:
 
 - headers: from the connection's first moment (or a keep-alive request's first
   byte) the client has `header_timeout` seconds to finish the request headers.
