@@ -32,7 +32,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,6 @@ from bench_runner import PROMPTS, local_aggregate
 from bench_supervisor import InProcess, make_model, paired_ratio
 from corral.runner.engine import Engine, Sequence
 from corral.runner.protocol import DONE_LENGTH, DONE_STOP, SamplingOptions
-from mlx_lm.generate import BatchGenerator
 
 
 class NoText(Engine):
@@ -66,30 +64,11 @@ class NoHandOffs(Engine):
             super()._flush(force=True)
 
 
-def bare_in_thread(model: Any, tok: Any, prompts: list[list[int]], tokens: int) -> float:
-    """Aggregate tok/s of the bare loop in its own thread, this thread in an asyncio loop."""
+def bare_in_thread(model: Any, tok: Any, k: int, tokens: int) -> float:
+    """bench_runner's bare loop (local_aggregate) in its own thread, while this
+    thread waits in an asyncio loop."""
     async def run() -> float:
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        result: list[float] = []
-
-        def generate() -> None:
-            gen = BatchGenerator(model, stop_tokens=[[t] for t in tok.eos_token_ids],
-                                 completion_batch_size=len(prompts), prefill_batch_size=len(prompts))
-            t0 = time.perf_counter()
-            gen.insert(prompts, max_tokens=[tokens] * len(prompts))
-            total, left = 0, len(prompts)
-            while left:
-                for r in gen.next_generated():
-                    total += r.token not in tok.eos_token_ids
-                    left -= r.finish_reason is not None
-            result.append(total / (time.perf_counter() - t0))
-            gen.close()
-            loop.call_soon_threadsafe(done.set)
-
-        threading.Thread(target=generate, daemon=True).start()
-        await done.wait()
-        return result[0]
+        return await asyncio.to_thread(local_aggregate, model, tok, k, tokens)
     return asyncio.run(run())
 
 
@@ -138,7 +117,7 @@ def main() -> int:
         for engine in engines.values():
             engine.start()
         sides: dict[str, Callable[[], float]] = {
-            "bare, own thread": lambda: bare_in_thread(model, tok, prompts, n),
+            "bare, own thread": lambda: bare_in_thread(model, tok, k, n),
             "bare, this thread": lambda: local_aggregate(model, tok, k, n),
             "engine": lambda: through_engine(engines["engine"], prompts, n),
             "engine, no text": lambda: through_engine(engines["no text"], prompts, n),
