@@ -9,7 +9,9 @@ rather than one per token per sequence. Up to num_parallel sequences decode
 together in one mlx_lm BatchGenerator; new ones are admitted between steps,
 the rest wait in FIFO order. A sequence that decodes alone does so outside
 the BatchGenerator (runner/solo.py), which costs less per token, and joins
-the batch when a second one arrives.
+the batch when a second one arrives. Requests that arrive while others decode
+may wait a few milliseconds for each other (JOIN_WINDOW), so that they share
+one prefill pass instead of stalling the batch once each.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import mlx.core as mx
 from corral.runner.grammar import GrammarProcessor
@@ -39,6 +41,13 @@ log = logging.getLogger("runner")
 STREAM_INTERVAL = 0.02  # seconds: after a stream's first token, its text goes out at most this often
 HANDOFFS_PER_SECOND = 200  # lines per second across all streams that the interval aims for
 MAX_STREAM_INTERVAL = 0.1  # seconds: never hold a stream's text longer than this
+# Seconds a request that arrives while others decode may wait for more to
+# arrive, so that they are prefilled together (see joiners_due).
+JOIN_WINDOW = 0.005
+# Tokens a new sequence must share with a decoding one to borrow a copy of its
+# cache: a few (a BOS, a chat template's header) cost less to prefill with the
+# rest of the prompt than a copy of a cache and a pass of their own.
+LIVE_PREFIX_MIN = 16
 
 # What the generation thread sends to a sequence's output queue.
 Event = tuple[str, Any]  # ("text", str) | ("logprob", dict) | ("done", dict) | ("error", str)
@@ -57,6 +66,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prompt cache
     eval_count: int = 0
     submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # when the generation thread took it in
     admitted: float = 0.0
     first_token: float = 0.0
     finished: bool = False
@@ -82,6 +92,17 @@ class StepSync(Protocol):
     def close(self, stream: Any) -> None: ...
 
 
+class Entry(NamedTuple):
+    """One sequence's arguments to BatchGenerator.insert."""
+
+    prompt: list[int]  # the tokens to prefill
+    max_tokens: int
+    cache: list[Any] | None  # KV state of in_cache; None: a fresh cache
+    in_cache: list[int]  # the tokens that cache holds
+    sampler: Any
+    processors: list[Any]
+
+
 def _deliver(events: list[tuple[Sequence, Event]]) -> None:
     # Runs on the event loop: one wake-up for a whole pass of the generation loop.
     for seq, event in events:
@@ -91,7 +112,7 @@ def _deliver(events: list[tuple[Sequence, Event]]) -> None:
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, num_ctx: int, num_parallel: int,
                  prompt_cache: PromptCache | None = None, sync: StepSync | None = None,
-                 solo: bool = True) -> None:
+                 solo: bool = True, join_window: float = JOIN_WINDOW) -> None:
         self.model = model
         self.sync = sync  # distributed: every rank applies the same inbox items at the same step
         self.prompt_cache = prompt_cache
@@ -104,6 +125,10 @@ class Engine:
         # A lone sequence decodes outside the BatchGenerator. Not on a
         # distributed runner: every rank must run the same batch ops in lockstep.
         self._solo_enabled = solo and sync is None
+        # Distributed ranks must admit at the same step: a clock-based wait would
+        # diverge between them, so they admit at once.
+        self.join_window = join_window if sync is None else 0.0
+        self._step_s = 0.0  # how long the last pass of the generation loop took
         self._alone: tuple[Sequence, Solo] | None = None  # the sequence decoding alone, and its state
         self._stop = threading.Event()
         self._eos = set(tokenizer.eos_token_ids)
@@ -193,13 +218,16 @@ class Engine:
                 self.prompt_cache.load()  # the disk tier of an earlier run of this model
             while not self._stop.is_set():
                 self._drain_inbox(gen, block=not self._busy)
-                if self._alone is not None and self._waiting and self.num_parallel > 1:
-                    self._hand_over(gen)
-                self._admit(gen)
+                started = time.perf_counter()
+                if self._waiting and self._joiners_due(started):
+                    if self._alone is not None and self.num_parallel > 1:
+                        self._hand_over(gen)
+                    self._admit(gen)
                 if self._alone is not None:
                     self._solo_step(gen)
                 elif self._active:
                     self._step(gen)
+                self._step_s = time.perf_counter() - started
                 self._flush(force=not self._busy)  # about to wait for work: nothing may stay behind
         except Exception as e:  # a dead generation thread must be visible: /health goes 503
             log.exception("generation thread failed")
@@ -243,6 +271,7 @@ class Engine:
 
     def _handle(self, gen: BatchGenerator, kind: str, seq: Sequence | None) -> None:
         if kind == "add" and seq is not None:
+            seq.queued = time.perf_counter()
             self._waiting.append(seq)
         elif kind == "cancel" and seq is not None:
             self._finish(gen, seq, DONE_CANCELLED)
@@ -252,6 +281,14 @@ class Engine:
             for s in self._all_sequences():
                 self._finish(gen, s, DONE_CANCELLED)
         self._update_counts()
+
+    def _joiners_due(self, now: float) -> bool:
+        """Whether the waiting sequences go in now, or wait one more step for others to join them."""
+        if not self._busy:
+            return True  # nothing decodes: a lone request starts at once
+        room = self.num_parallel - len(self._active) - (self._alone is not None)
+        return joiners_due(waiting=len(self._waiting), room=room, waited=now - self._waiting[0].queued,
+                           step=self._step_s, window=self.join_window)
 
     @property
     def _busy(self) -> bool:
@@ -273,20 +310,31 @@ class Engine:
             batch.append(self._waiting.popleft())
         if not batch:
             return
-        caches = [self._cached_prefix(gen, s) for s in batch]
-        uids = gen.insert(
-            [s.prompt[s.cached_tokens:] for s in batch],
-            max_tokens=[s.max_tokens for s in batch],
-            caches=caches,  # type: ignore[arg-type]  # None: a fresh cache
-            all_tokens=[s.prompt[:s.cached_tokens] for s in batch],
-            samplers=[make_sampler(s.options) for s in batch],  # type: ignore[misc]
-            logits_processors=[make_processors(s.options, self.num_ctx, s.grammar) for s in batch],
-        )
-        for uid, seq in zip(uids, batch, strict=True):
+        entries = [self._entry(gen, s) for s in batch]
+        for seq in batch:
             self._started(seq)
+        self._insert(gen, batch, entries)
+        self._update_counts()
+
+    def _entry(self, gen: BatchGenerator, seq: Sequence) -> Entry:
+        """What BatchGenerator.insert needs for a new sequence, its cached prefix found."""
+        cache = self._cached_prefix(gen, seq)
+        return Entry(seq.prompt[seq.cached_tokens:], seq.max_tokens, cache, seq.prompt[:seq.cached_tokens],
+                     make_sampler(seq.options), make_processors(seq.options, self.num_ctx, seq.grammar))
+
+    def _insert(self, gen: BatchGenerator, seqs: list[Sequence], entries: list[Entry]) -> None:
+        """Put the sequences into the BatchGenerator in one insert: they are prefilled together."""
+        uids = gen.insert(
+            [e.prompt for e in entries],
+            max_tokens=[e.max_tokens for e in entries],
+            caches=[e.cache for e in entries],  # type: ignore[misc]  # None: a fresh cache
+            all_tokens=[e.in_cache for e in entries],
+            samplers=[e.sampler for e in entries],
+            logits_processors=[e.processors for e in entries],
+        )
+        for uid, seq in zip(uids, seqs, strict=True):
             seq.uid = uid
             self._active[uid] = seq
-        self._update_counts()
 
     def _started(self, seq: Sequence) -> None:
         seq.admitted = time.perf_counter()
@@ -335,13 +383,24 @@ class Engine:
                 return
         todo, cache, in_cache, left = solo.handover()
         self._alone = None
-        [seq.uid] = gen.insert([todo], max_tokens=[left], caches=[cache], all_tokens=[in_cache],
-                               samplers=[solo.sampler], logits_processors=[solo.processors])  # type: ignore[list-item]
-        self._active[seq.uid] = seq
-        # One step now puts it in the generation batch, so that sequences admitted
-        # next never borrow (and trim) its cache while the generator still holds
-        # the original (_live_prefix).
-        self._step(gen)
+        # The sequences waiting go in with it, in one insert, so that the hand-over
+        # and their prefill are one pass, not two: every decoding sequence waits
+        # for each. Not one that would borrow a prefix of its cache (_live_prefix).
+        joiners: list[Sequence] = []
+        while (self._waiting and len(joiners) < self.num_parallel - 1
+               and _common_prefix(self._waiting[0].prompt, seq.prompt, len(self._waiting[0].prompt) - 1)
+                   < LIVE_PREFIX_MIN):
+            joiners.append(self._waiting.popleft())
+        entries = [Entry(todo, left, cache, in_cache, solo.sampler, solo.processors),
+                   *(self._entry(gen, s) for s in joiners)]
+        for joiner in joiners:
+            self._started(joiner)
+        self._insert(gen, [seq, *joiners], entries)
+        if self._waiting:
+            # One step now puts it in the generation batch, so that the sequences
+            # admitted next never borrow (and trim) its cache while the generator
+            # still holds the original (_live_prefix).
+            self._step(gen)
         self._update_counts()
 
     def _cached_prefix(self, gen: BatchGenerator, seq: Sequence) -> list[Any] | None:
@@ -360,7 +419,7 @@ class Engine:
     def _live_prefix(self, gen: BatchGenerator, prompt: list[int], best: int) -> tuple[list[Any], int] | None:
         # A concurrent sequence sharing a longer prefix (say, the same system
         # prompt) lends a copy of its cache: BatchGenerator.extract_cache.
-        longest, uid = best, None
+        longest, uid = max(best, LIVE_PREFIX_MIN - 1), None
         for other in self._active.values():
             n = _common_prefix(prompt, other.prompt, len(prompt) - 1)
             if n > longest and other.uid is not None:
@@ -526,6 +585,20 @@ def stream_interval(streams: int) -> float:
     every process, so 8 fast streams at 20 ms would take a large part of a
     small machine's CPU from the generation itself."""
     return min(MAX_STREAM_INTERVAL, max(STREAM_INTERVAL, streams / HANDOFFS_PER_SECOND))
+
+
+def joiners_due(*, waiting: int, room: int, waited: float, step: float, window: float) -> bool:
+    """Whether sequences that arrived while others decode are admitted this step.
+
+    Each admission into a running batch costs a prefill pass of its own, which
+    every decoding sequence waits for; requests sent together reach the runner
+    a millisecond or two apart (the supervisor handles them one by one), so
+    admitting each at once costs one pass per request. Waiting while one more
+    step keeps the oldest within `window` lets them share a pass. Never waits
+    when they fill the batch (no one else could join) or when a step is longer
+    than the window (a large model: the wait would be a whole step); a lone
+    request is not held at all (the caller admits it at once)."""
+    return waiting >= room or waited + step >= window
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

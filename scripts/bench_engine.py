@@ -15,7 +15,9 @@ sequences, in this process, through
   * engine, no hand-offs: the engine handing its events to the event loop only
     when it goes idle, so the loop never wakes during the run;
   * engine, 2 ms apart: the k sequences arriving 2 ms apart, as they reach a
-    runner through the supervisor (the first decodes alone, the others join).
+    runner through the supervisor (the first decodes alone, the others join);
+  * 2 ms apart, no window: the same with the engine's join window off (each
+    arrival admitted at once, with a prefill pass of its own).
 
 The two "engine, no ..." variants are diagnostics, not servers: they show what
 the work they skip costs. Each side runs --runs times, alternating; ratios are
@@ -114,6 +116,7 @@ def main() -> int:
         prompts = [tok.encode(p) for p in PROMPTS[:k]]
         engines = {name: cls(model, tok, num_ctx=4096, num_parallel=k)
                    for name, cls in (("engine", Engine), ("no text", NoText), ("no hand-offs", NoHandOffs))}
+        engines["no window"] = Engine(model, tok, num_ctx=4096, num_parallel=k, join_window=0.0)
         for engine in engines.values():
             engine.start()
         sides: dict[str, Callable[[], float]] = {
@@ -123,6 +126,7 @@ def main() -> int:
             "engine, no text": lambda: through_engine(engines["no text"], prompts, n),
             "engine, no hand-offs": lambda: through_engine(engines["no hand-offs"], prompts, n),
             "engine, 2 ms apart": lambda: through_engine(engines["engine"], prompts, n, apart=0.002),
+            "2 ms apart, no window": lambda: through_engine(engines["no window"], prompts, n, apart=0.002),
         }
         for side in sides.values():  # warm every path up
             side()

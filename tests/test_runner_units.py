@@ -147,3 +147,19 @@ def test_stream_interval_stretches_with_streams_within_bounds() -> None:
     assert stream_interval(8) == pytest.approx(0.04)  # 8 streams together still ~200 lines/s
     assert stream_interval(1000) == MAX_STREAM_INTERVAL
     assert all(stream_interval(n) <= stream_interval(n + 1) for n in range(64))
+
+
+@pytest.mark.parametrize(("waiting", "room", "waited", "step", "window", "due"), [
+    (1, 3, 0.000, 0.0015, 0.005, False),  # just arrived, steps are short: wait for company
+    (2, 3, 0.003, 0.0015, 0.005, False),  # one more step still ends inside the window
+    (2, 3, 0.004, 0.0015, 0.005, True),  # one more step would end past it: in now
+    (1, 3, 0.000, 0.0300, 0.005, True),  # a step longer than the window: never wait a step
+    (3, 3, 0.000, 0.0015, 0.005, True),  # they fill the batch: nobody else could join
+    (5, 3, 0.000, 0.0015, 0.005, True),  # more than fit: the first ones go in now
+    (1, 3, 0.000, 0.0000, 0.000, True),  # no window: every arrival is admitted at once
+])
+def test_joiners_wait_for_company_only_within_the_window(waiting: int, room: int, waited: float, step: float,
+                                                         window: float, due: bool) -> None:
+    from corral.runner.engine import joiners_due
+
+    assert joiners_due(waiting=waiting, room=room, waited=waited, step=step, window=window) is due

@@ -22,6 +22,7 @@ from mlx_lm.generate import BatchGenerator, generate_step
 PROMPT = "Once upon a time there was a small model"
 SEEDED = SamplingOptions(temperature=1.0, seed=7, top_k=0, top_p=1.0, repeat_penalty=1.3, repeat_last_n=16)
 GREEDY = SamplingOptions(temperature=0.0)
+LONG = "Once"  # greedy, the tiny model decodes about 900 tokens before its EOS
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +213,96 @@ def test_one_slot_runs_each_sequence_alone_in_turn(loaded: tuple[Any, Any]) -> N
             e.stop()
 
     asyncio.run(main())
+
+
+class CountingEngine(Engine):
+    """The engine, noting the sequences of each insert into the BatchGenerator."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.inserts: list[list[Sequence]] = []
+
+    def _insert(self, gen: BatchGenerator, seqs: list[Sequence], entries: Any) -> None:
+        self.inserts.append(list(seqs))
+        super()._insert(gen, seqs, entries)
+
+
+def test_joiners_wait_for_each_other_and_are_admitted_together(loaded: tuple[Any, Any]) -> None:
+    """Requests that arrive while another decodes are prefilled in one pass: the
+    first joiner waits (here, with a window far longer than the test) until a
+    second fills the batch, then both go in at once with the lone sequence's
+    hand-over, and all three decode as they would have."""
+    model, tok = loaded
+
+    async def main() -> None:
+        e = CountingEngine(model, tok, num_ctx=4096, num_parallel=3, join_window=60.0)
+        e.start()
+        try:
+            a = sequence(tok, LONG, GREEDY, 100_000)
+            e.submit(a)
+            assert (await a.out.get())[0] == "text"  # a decodes alone
+            b = sequence(tok, "The quick brown fox", GREEDY, 12)
+            e.submit(b)
+            await asyncio.sleep(0.1)
+            assert b.admitted == 0 and e._alone is not None and e.queued_count == 1  # b waits, a goes on
+            c = sequence(tok, "Hello, world!", GREEDY, 12)
+            e.submit(c)
+            out_b, out_c = await asyncio.gather(collect(b), collect(c))
+            assert e.inserts[-1] == [a, b, c]  # one insert: a's hand-over, b and c
+            e.cancel(a)
+            await collect(a)
+        finally:
+            e.stop()
+        ref = Engine(model, tok, num_ctx=512, num_parallel=3, solo=False)
+        ref.start()
+        try:
+            want = [await collect(submit(ref, sequence(tok, p, GREEDY, 12))) for p in ("The quick brown fox",
+                                                                                       "Hello, world!")]
+        finally:
+            ref.stop()
+        assert [out_b[0], out_c[0]] == [w[0] for w in want]
+
+    def submit(e: Engine, seq: Sequence) -> Sequence:
+        e.submit(seq)
+        return seq
+
+    asyncio.run(main())
+
+
+def test_a_lone_joiner_goes_in_when_its_window_ends(loaded: tuple[Any, Any]) -> None:
+    model, tok = loaded
+
+    async def main() -> None:
+        e = Engine(model, tok, num_ctx=4096, num_parallel=4, join_window=0.3)
+        e.start()
+        try:
+            a = sequence(tok, LONG, GREEDY, 100_000)
+            e.submit(a)
+            assert (await a.out.get())[0] == "text"
+            b = sequence(tok, "The quick brown fox", GREEDY, 12)
+            e.submit(b)
+            _, done = await asyncio.wait_for(collect(b), 30)  # room for two more, nobody came: it went in anyway
+            assert done["eval_count"] == 12 and b.admitted - b.queued >= 0.15  # the window, less at most a step
+            e.cancel(a)
+            await collect(a)
+        finally:
+            e.stop()
+
+    asyncio.run(main())
+
+
+def test_a_distributed_engine_admits_at_once(loaded: tuple[Any, Any]) -> None:
+    """Every rank must admit at the same step, and a clock cannot promise that."""
+    model, tok = loaded
+
+    class Sync:
+        leader = True
+
+        def share(self, items: Any, stream: Any) -> Any:
+            return items
+
+        def close(self, stream: Any) -> None:
+            pass
+
+    assert Engine(model, tok, num_ctx=512, num_parallel=4, sync=Sync()).join_window == 0.0
+    assert Engine(model, tok, num_ctx=512, num_parallel=4).join_window > 0
