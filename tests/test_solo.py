@@ -136,6 +136,11 @@ def sequence(tok: Any, prompt: str, opts: SamplingOptions, n: int) -> Sequence:
     return Sequence(prompt=tok.encode(prompt), options=opts, max_tokens=n, loop=asyncio.get_running_loop())
 
 
+def submit(e: Engine, seq: Sequence) -> Sequence:
+    e.submit(seq)
+    return seq
+
+
 def engine(loaded: tuple[Any, Any], **kw: Any) -> Engine:
     model, tok = loaded
     e = Engine(model, tok, num_ctx=512, num_parallel=4, **kw)
@@ -166,10 +171,6 @@ def test_engine_decodes_a_lone_sequence_alone_and_batches_on_arrival(loaded: tup
             assert e.active_count == 0 and e._alone is None and not e._active
         finally:
             e.stop()
-
-    def submit(e: Engine, seq: Sequence) -> Sequence:
-        e.submit(seq)
-        return seq
 
     asyncio.run(main())
 
@@ -215,6 +216,13 @@ def test_one_slot_runs_each_sequence_alone_in_turn(loaded: tuple[Any, Any]) -> N
     asyncio.run(main())
 
 
+async def decoding_alone(e: Engine, tok: Any) -> Sequence:
+    """A long sequence, submitted and decoding alone (its first text is out)."""
+    a = submit(e, sequence(tok, LONG, GREEDY, 100_000))
+    assert (await a.out.get())[0] == "text" and e._alone is not None and e._alone[0] is a
+    return a
+
+
 class CountingEngine(Engine):
     """The engine, noting the sequences of each insert into the BatchGenerator."""
 
@@ -238,15 +246,11 @@ def test_joiners_wait_for_each_other_and_are_admitted_together(loaded: tuple[Any
         e = CountingEngine(model, tok, num_ctx=4096, num_parallel=3, join_window=60.0)
         e.start()
         try:
-            a = sequence(tok, LONG, GREEDY, 100_000)
-            e.submit(a)
-            assert (await a.out.get())[0] == "text"  # a decodes alone
-            b = sequence(tok, "The quick brown fox", GREEDY, 12)
-            e.submit(b)
+            a = await decoding_alone(e, tok)
+            b = submit(e, sequence(tok, "The quick brown fox", GREEDY, 12))
             await asyncio.sleep(0.1)
             assert b.admitted == 0 and e._alone is not None and e.queued_count == 1  # b waits, a goes on
-            c = sequence(tok, "Hello, world!", GREEDY, 12)
-            e.submit(c)
+            c = submit(e, sequence(tok, "Hello, world!", GREEDY, 12))
             out_b, out_c = await asyncio.gather(collect(b), collect(c))
             assert e.inserts[-1] == [a, b, c]  # one insert: a's hand-over, b and c
             e.cancel(a)
@@ -262,10 +266,6 @@ def test_joiners_wait_for_each_other_and_are_admitted_together(loaded: tuple[Any
             ref.stop()
         assert [out_b[0], out_c[0]] == [w[0] for w in want]
 
-    def submit(e: Engine, seq: Sequence) -> Sequence:
-        e.submit(seq)
-        return seq
-
     asyncio.run(main())
 
 
@@ -276,11 +276,8 @@ def test_a_lone_joiner_goes_in_when_its_window_ends(loaded: tuple[Any, Any]) -> 
         e = Engine(model, tok, num_ctx=4096, num_parallel=4, join_window=0.3)
         e.start()
         try:
-            a = sequence(tok, LONG, GREEDY, 100_000)
-            e.submit(a)
-            assert (await a.out.get())[0] == "text"
-            b = sequence(tok, "The quick brown fox", GREEDY, 12)
-            e.submit(b)
+            a = await decoding_alone(e, tok)
+            b = submit(e, sequence(tok, "The quick brown fox", GREEDY, 12))
             _, done = await asyncio.wait_for(collect(b), 30)  # room for two more, nobody came: it went in anyway
             assert done["eval_count"] == 12 and b.admitted - b.queued >= 0.15  # the window, less at most a step
             e.cancel(a)
