@@ -65,8 +65,7 @@ class Sequence:
     uid: int | None = None
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prompt cache
     eval_count: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
-    queued: float = 0.0  # when the generation thread took it in
+    submitted: float = field(default_factory=time.perf_counter)  # made as the handler submits it
     admitted: float = 0.0
     first_token: float = 0.0
     finished: bool = False
@@ -271,7 +270,6 @@ class Engine:
 
     def _handle(self, gen: BatchGenerator, kind: str, seq: Sequence | None) -> None:
         if kind == "add" and seq is not None:
-            seq.queued = time.perf_counter()
             self._waiting.append(seq)
         elif kind == "cancel" and seq is not None:
             self._finish(gen, seq, DONE_CANCELLED)
@@ -287,7 +285,7 @@ class Engine:
         if not self._busy:
             return True  # nothing decodes: a lone request starts at once
         room = self.num_parallel - len(self._active) - (self._alone is not None)
-        return joiners_due(waiting=len(self._waiting), room=room, waited=now - self._waiting[0].queued,
+        return joiners_due(waiting=len(self._waiting), room=room, waited=now - self._waiting[0].submitted,
                            step=self._step_s, window=self.join_window)
 
     @property
@@ -310,14 +308,12 @@ class Engine:
             batch.append(self._waiting.popleft())
         if not batch:
             return
-        entries = [self._entry(gen, s) for s in batch]
-        for seq in batch:
-            self._started(seq)
-        self._insert(gen, batch, entries)
+        self._insert(gen, batch, [self._admission(gen, s) for s in batch])
         self._update_counts()
 
-    def _entry(self, gen: BatchGenerator, seq: Sequence) -> Entry:
-        """What BatchGenerator.insert needs for a new sequence, its cached prefix found."""
+    def _admission(self, gen: BatchGenerator, seq: Sequence) -> Entry:
+        """Start a new sequence; what BatchGenerator.insert needs for it, its cached prefix found."""
+        self._started(seq)
         cache = self._cached_prefix(gen, seq)
         return Entry(seq.prompt[seq.cached_tokens:], seq.max_tokens, cache, seq.prompt[:seq.cached_tokens],
                      make_sampler(seq.options), make_processors(seq.options, self.num_ctx, seq.grammar))
@@ -388,13 +384,10 @@ class Engine:
         # for each. Not one that would borrow a prefix of its cache (_live_prefix).
         joiners: list[Sequence] = []
         while (self._waiting and len(joiners) < self.num_parallel - 1
-               and _common_prefix(self._waiting[0].prompt, seq.prompt, len(self._waiting[0].prompt) - 1)
-                   < LIVE_PREFIX_MIN):
+               and not _lendable(self._waiting[0].prompt, seq.prompt)):
             joiners.append(self._waiting.popleft())
         entries = [Entry(todo, left, cache, in_cache, solo.sampler, solo.processors),
-                   *(self._entry(gen, s) for s in joiners)]
-        for joiner in joiners:
-            self._started(joiner)
+                   *(self._admission(gen, s) for s in joiners)]
         self._insert(gen, [seq, *joiners], entries)
         if self._waiting:
             # One step now puts it in the generation batch, so that the sequences
@@ -419,9 +412,9 @@ class Engine:
     def _live_prefix(self, gen: BatchGenerator, prompt: list[int], best: int) -> tuple[list[Any], int] | None:
         # A concurrent sequence sharing a longer prefix (say, the same system
         # prompt) lends a copy of its cache: BatchGenerator.extract_cache.
-        longest, uid = max(best, LIVE_PREFIX_MIN - 1), None
+        longest, uid = best, None
         for other in self._active.values():
-            n = _common_prefix(prompt, other.prompt, len(prompt) - 1)
+            n = _lendable(prompt, other.prompt)
             if n > longest and other.uid is not None:
                 longest, uid = n, other.uid
         if uid is None:
@@ -599,6 +592,14 @@ def joiners_due(*, waiting: int, room: int, waited: float, step: float, window: 
     than the window (a large model: the wait would be a whole step); a lone
     request is not held at all (the caller admits it at once)."""
     return waiting >= room or waited + step >= window
+
+
+def _lendable(prompt: list[int], other: list[int]) -> int:
+    """How many of prompt's tokens a decoding sequence with prompt `other` may lend from
+    its cache: their shared start, at least one token left to prefill, and 0 under
+    LIVE_PREFIX_MIN (so few are cheaper to prefill than a cache is to copy)."""
+    n = _common_prefix(prompt, other, len(prompt) - 1)
+    return n if n >= LIVE_PREFIX_MIN else 0
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
