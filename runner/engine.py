@@ -39,7 +39,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 log = logging.getLogger("runner")
 
 STREAM_INTERVAL = 0.02  # seconds: after a stream's first token, its text goes out at most this often
-HANDOFFS_PER_SECOND = 200  # lines per second across all streams that the interval aims for
+HANDOFFS_PER_SECOND = 100  # lines per second across all streams that the interval aims for
 MAX_STREAM_INTERVAL = 0.1  # seconds: never hold a stream's text longer than this
 # Seconds a request that arrives while others decode may wait for more to
 # arrive, so that they are prefilled together (see joiners_due).
@@ -573,10 +573,15 @@ class Engine:
 def stream_interval(streams: int) -> float:
     """How long a stream's text may wait for the next hand-off: STREAM_INTERVAL,
     stretched as streams grow so that all of them together make about
-    HANDOFFS_PER_SECOND lines. The per-line cost (a wake-up here, a read, parse
-    and write in the supervisor, a parse in the client) is paid per line in
-    every process, so 8 fast streams at 20 ms would take a large part of a
-    small machine's CPU from the generation itself."""
+    HANDOFFS_PER_SECOND lines (1-2 streams every 20 ms, 4 every 40 ms, 8 every
+    80 ms). The per-line cost (a wake-up here, a read, parse and write in the
+    supervisor, a parse in the client) is paid per line in every process, and
+    it takes more from the generation than its share of the CPU: the
+    generation thread and MLX's worker hand work back and forth several times
+    a step, and each hand-off that finds its core taken waits. Concurrent
+    streams are mostly programs (agents, batch jobs), for which throughput
+    counts more than a smoother stream; one or two are read by people, and
+    keep 20 ms."""
     return min(MAX_STREAM_INTERVAL, max(STREAM_INTERVAL, streams / HANDOFFS_PER_SECOND))
 
 

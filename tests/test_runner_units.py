@@ -143,8 +143,9 @@ def test_json_object_reads_an_object() -> None:
 def test_stream_interval_stretches_with_streams_within_bounds() -> None:
     from corral.runner.engine import MAX_STREAM_INTERVAL, STREAM_INTERVAL, stream_interval
 
-    assert stream_interval(0) == stream_interval(1) == stream_interval(4) == STREAM_INTERVAL
-    assert stream_interval(8) == pytest.approx(0.04)  # 8 streams together still ~200 lines/s
+    assert stream_interval(0) == stream_interval(1) == stream_interval(2) == STREAM_INTERVAL
+    assert stream_interval(4) == pytest.approx(0.04)  # 4 streams together still ~100 lines/s
+    assert stream_interval(8) == pytest.approx(0.08)
     assert stream_interval(1000) == MAX_STREAM_INTERVAL
     assert all(stream_interval(n) <= stream_interval(n + 1) for n in range(64))
 
