@@ -396,8 +396,8 @@ def main() -> int:
     ap.add_argument("--big-hidden", type=int, default=1024, help="eviction model size")
     ap.add_argument("--big-layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-repeats", type=int, default=30, help="single-stream runs, small model")
-    ap.add_argument("--stream-repeats", type=int, default=12, help="runs per stream count, small model")
+    ap.add_argument("--decode-repeats", type=int, default=40, help="single-stream runs, small model")
+    ap.add_argument("--stream-repeats", type=int, default=24, help="runs per stream count, small model")
     ap.add_argument("--small-only", action="store_true",
                     help="only section 1 on the small model (decode, streams, latency): a few minutes")
     args = ap.parse_args()
