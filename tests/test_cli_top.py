@@ -11,6 +11,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -69,28 +71,43 @@ class Pty:
         os.close(slave)
         self.seen = ""
 
+    def _read(self, timeout: float) -> bytes | None:
+        """What the program wrote within `timeout` (None: nothing; b"": the terminal is closed)."""
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the program's side of the pty is closed
+            data = b""
+        self.seen += data.decode(errors="replace")
+        return data
+
     def expect(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.seen:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"did not see {text!r}; got {self.seen[-2000:]!r}")
-            ready, _, _ = select.select([self.master], [], [], min(left, 0.5))
-            if ready:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    raise AssertionError(f"terminal closed before {text!r}; got {self.seen[-2000:]!r}")
-                self.seen += data.decode(errors="replace")
+            if self._read(min(left, 0.5)) == b"":
+                raise AssertionError(f"terminal closed before {text!r}; got {self.seen[-2000:]!r}")
         self.seen = self.seen[self.seen.index(text) + len(text):]
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
     def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
+        """The program's exit status. Its output is read meanwhile, as a terminal does:
+        a pty nobody reads fills up, and a program writing its last frame would block."""
+        deadline = time.monotonic() + timeout
+        while (code := self.proc.poll()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"still running after {timeout} s; got {self.seen[-2000:]!r}")
+            self._read(min(left, 0.1))
+        while self._read(0):  # what it wrote last, until nothing is left or the pty is closed
+            pass
+        return code
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -207,3 +224,24 @@ def test_rm_of_a_registered_name_does_not_ask(server: ServerProcess, cache: Path
     assert result.returncode == 0, result.stderr
     assert "Hugging Face" not in result.stderr and "deleted 'top-alias'" in result.stdout
     assert (cache / "models--corral-test--tiny").is_dir()  # its source stays
+
+
+def test_top_second_ctrl_c_quits_while_a_frame_waits_on_a_silent_server() -> None:
+    """The first Ctrl-C ends the loop at its next wait between frames; a frame
+    stuck on a server that accepts and never answers is left by a second one."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        top = Pty(SimpleNamespace(port=silent.getsockname()[1]), "top")  # type: ignore[arg-type]
+        try:
+            silent.settimeout(30)
+            conn, _ = silent.accept()  # top asks for its first frame, and waits
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(65536).startswith(b"GET /ui/state")
+                top.send("\x03")
+                time.sleep(0.5)
+                assert top.proc.poll() is None  # still waiting on the frame
+                top.send("\x03")
+                assert top.wait() == 0
+            assert "Traceback" not in top.seen
+        finally:
+            top.close()
