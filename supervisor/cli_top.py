@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -163,46 +162,14 @@ def _keys() -> Iterator[bool]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-@contextlib.contextmanager
-def _ctrl_c() -> Iterator[int]:
-    """A pipe that becomes readable at Ctrl-C, for the wait between frames to watch.
-
-    The first Ctrl-C ends the loop at its wait, so that the screen and the terminal
-    are given back by the same `with` exits as after q, instead of a
-    KeyboardInterrupt unwinding from wherever the main thread is (inside rich's
-    screen handling, or an HTTP read). A second one raises KeyboardInterrupt, for
-    a frame stuck on a server that does not answer."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-
-    def interrupted(signum: int, frame: Any) -> None:
-        if _pending(read_end):
-            raise KeyboardInterrupt
-        with contextlib.suppress(BlockingIOError):
-            os.write(write_end, b"\x03")
-
-    previous = signal.signal(signal.SIGINT, interrupted)
-    try:
-        yield read_end
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        os.close(read_end)
-        os.close(write_end)
-
-
-def _pending(fd: int) -> bool:
-    """Whether fd has something to read now."""
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def _quit_pressed(keys: bool, timeout: float, ctrl_c: int) -> bool:
-    """Wait up to `timeout`; True when q was typed or Ctrl-C pressed meanwhile."""
-    watched = [ctrl_c, sys.stdin] if keys else [ctrl_c]
+def _quit_pressed(keys: bool, timeout: float) -> bool:
+    """Wait up to `timeout`; True when q was typed meanwhile."""
+    if not keys:
+        time.sleep(timeout)
+        return False
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select(watched, [], [], left)
-        if ctrl_c in ready:
-            return True
+        ready, _, _ = select.select([sys.stdin], [], [], left)
         if ready and os.read(sys.stdin.fileno(), 32).lower().startswith(b"q"):
             return True
     return False
@@ -218,11 +185,11 @@ def run_top(client: CorralClient, *, once: bool = False, interval: float = 1.0) 
         raise ClientError("--interval must be more than 0 seconds")
     footer = "q or Ctrl-C quits"
     try:
-        with _ctrl_c() as ctrl_c, _keys() as keys, Live(_frame(client, footer), console=console,
-                                                         auto_refresh=False, screen=console.is_terminal) as live:
+        with _keys() as keys, Live(_frame(client, footer), console=console, auto_refresh=False,
+                                   screen=console.is_terminal) as live:
             live.refresh()  # the first frame at once (auto_refresh is off: frames follow the data)
-            while not _quit_pressed(keys, interval, ctrl_c):
+            while not _quit_pressed(keys, interval):
                 live.update(_frame(client, footer), refresh=True)
-    except KeyboardInterrupt:  # a second Ctrl-C, while a frame waited on the server
+    except KeyboardInterrupt:
         pass
     return 0
