@@ -99,8 +99,8 @@ class Pty:
         os.write(self.master, text.encode())
 
     def wait(self, timeout: float = 30) -> int:
-        """The program's exit status. Its output is read meanwhile, as a terminal does:
-        a pty nobody reads fills up, and a program writing its last frame would block."""
+        """The program's exit status. Its output is read meanwhile and to the end, as a
+        terminal does, so what it writes while quitting is in `seen` too."""
         deadline = time.monotonic() + timeout
         while (code := self.proc.poll()) is None:
             left = deadline - time.monotonic()
@@ -226,4 +226,3 @@ def test_rm_of_a_registered_name_does_not_ask(server: ServerProcess, cache: Path
     assert result.returncode == 0, result.stderr
     assert "Hugging Face" not in result.stderr and "deleted 'top-alias'" in result.stdout
     assert (cache / "models--corral-test--tiny").is_dir()  # its source stays
-

@@ -8,6 +8,8 @@ The engine tests run the real generation thread in this process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +218,19 @@ def test_one_slot_runs_each_sequence_alone_in_turn(loaded: tuple[Any, Any]) -> N
     asyncio.run(main())
 
 
-async def decoding_alone(e: Engine, tok: Any) -> Sequence:
-    """A long sequence, submitted and decoding alone (its first text is out)."""
-    a = submit(e, sequence(tok, LONG, GREEDY, 100_000))
-    assert (await a.out.get())[0] == "text" and e._alone is not None and e._alone[0] is a
-    return a
+@contextlib.asynccontextmanager
+async def decoding_alone(e: Engine, tok: Any) -> AsyncIterator[Sequence]:
+    """The engine started, and a long sequence submitted and decoding alone (its first
+    text is out); at the end that sequence is cancelled and read out, and the engine stopped."""
+    e.start()
+    try:
+        a = submit(e, sequence(tok, LONG, GREEDY, 100_000))
+        assert (await a.out.get())[0] == "text" and e._alone is not None and e._alone[0] is a
+        yield a
+        e.cancel(a)
+        await collect(a)
+    finally:
+        e.stop()
 
 
 class CountingEngine(Engine):
@@ -244,19 +254,13 @@ def test_joiners_wait_for_each_other_and_are_admitted_together(loaded: tuple[Any
 
     async def main() -> None:
         e = CountingEngine(model, tok, num_ctx=4096, num_parallel=3, join_window=60.0)
-        e.start()
-        try:
-            a = await decoding_alone(e, tok)
+        async with decoding_alone(e, tok) as a:
             b = submit(e, sequence(tok, "The quick brown fox", GREEDY, 12))
             await asyncio.sleep(0.1)
             assert b.admitted == 0 and e._alone is not None and e.queued_count == 1  # b waits, a goes on
             c = submit(e, sequence(tok, "Hello, world!", GREEDY, 12))
             out_b, out_c = await asyncio.gather(collect(b), collect(c))
             assert e.inserts[-1] == [a, b, c]  # one insert: a's hand-over, b and c
-            e.cancel(a)
-            await collect(a)
-        finally:
-            e.stop()
         ref = Engine(model, tok, num_ctx=512, num_parallel=3, solo=False)
         ref.start()
         try:
@@ -274,16 +278,10 @@ def test_a_lone_joiner_goes_in_when_its_window_ends(loaded: tuple[Any, Any]) -> 
 
     async def main() -> None:
         e = Engine(model, tok, num_ctx=4096, num_parallel=4, join_window=0.3)
-        e.start()
-        try:
-            a = await decoding_alone(e, tok)
+        async with decoding_alone(e, tok):
             b = submit(e, sequence(tok, "The quick brown fox", GREEDY, 12))
             _, done = await asyncio.wait_for(collect(b), 30)  # room for two more, nobody came: it went in anyway
             assert done["eval_count"] == 12 and b.admitted - b.submitted >= 0.15  # the window, less at most a step
-            e.cancel(a)
-            await collect(a)
-        finally:
-            e.stop()
 
     asyncio.run(main())
 
